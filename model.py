@@ -1,0 +1,107 @@
+"""
+The Mix-and-Match CVAE (Aliakbarian et al., "A Stochastic Conditioning Scheme for Diverse Human
+Motion Prediction", CVPR 2020), on the tutorial's task: complete the top of an MNIST digit
+(the data, pixels 0..499) from its bottom (the condition, pixels 500..783).
+
+The condition is not concatenated to the data or the latent: on every forward pass, Sampling
+picks a random set I of `alpha` indices out of `hidden_dim`, and Resampling builds each hidden
+vector from two sources, one at I and the other at the complement. The layer names match the
+tutorial's, so its published state_dict loads with strict=True.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class ModelConfig:
+    input_dim: int = 500  # data: the top of the image (pixels 0..499)
+    condition_dim: int = 284  # condition: the bottom (pixels 500..783)
+    output_dim: int = 500  # the decoder completes the top
+    hidden_dim: int = 128
+    latent_dim: int = 32
+
+
+def _encoder(in_dim, hidden_dim):
+    # Linear -> BatchNorm1d -> ReLU twice, halving first (tutorial: 500 -> 250 -> 128)
+    return nn.Sequential(
+        nn.Linear(in_dim, in_dim // 2), nn.BatchNorm1d(in_dim // 2), nn.ReLU(),
+        nn.Linear(in_dim // 2, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(),
+    )
+
+
+class MixAndMatchCVAE(nn.Module):
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        self.data_encoder = _encoder(config.input_dim, config.hidden_dim)
+        self.condition_encoder = _encoder(config.condition_dim, config.hidden_dim)
+        # posterior q(z | data, condition); `std` holds the log-variance, as in the tutorial
+        self.mean = nn.Linear(config.hidden_dim, config.latent_dim)
+        self.std = nn.Linear(config.hidden_dim, config.latent_dim)
+        # lifts z to hidden_dim so that Resampling can mix it with the condition
+        self.decode_latent = nn.Sequential(nn.Linear(config.latent_dim, config.hidden_dim), nn.ReLU())
+        self.data_decoder = nn.Sequential(
+            nn.Linear(config.hidden_dim, config.hidden_dim), nn.BatchNorm1d(config.hidden_dim), nn.ReLU(),
+            nn.Linear(config.hidden_dim, config.output_dim), nn.Sigmoid(),
+        )
+
+    def sampling(self, alpha):
+        """Sampling (tutorial step 2): a random set I of `alpha` distinct indices out of hidden_dim,
+        and its complement. Drawn from torch's generator, so torch.manual_seed fixes a run."""
+        hidden_dim = self.config.hidden_dim
+        if not 0 <= alpha <= hidden_dim:
+            raise ValueError(f"alpha must be in 0..{hidden_dim} (a count of hidden units), got {alpha}")
+        order = torch.randperm(hidden_dim, device=self.mean.weight.device)
+        return order[:alpha], order[alpha:]  # sampled_indices I, complementary_indices Ī
+
+    @staticmethod
+    def resampling(at_sampled, at_complementary, sampled_indices, complementary_indices):
+        """Resampling (tutorial step 3): a hidden vector whose entries I come from the first
+        source and whose entries Ī come from the second."""
+        fused = torch.zeros_like(at_sampled)  # (B, hidden_dim)
+        fused[:, sampled_indices] = at_sampled[:, sampled_indices]
+        fused[:, complementary_indices] = at_complementary[:, complementary_indices]
+        return fused
+
+    def encode(self, data, condition, sampled_indices, complementary_indices):
+        # the encoder sees the data at I and the condition at the complement Ī
+        fused = self.resampling(self.data_encoder(data), self.condition_encoder(condition),
+                                sampled_indices, complementary_indices)  # (B, hidden_dim)
+        return self.mean(fused), self.std(fused)  # mu, logvar: (B, latent_dim) each
+
+    @staticmethod
+    def reparameterize(mu, logvar):
+        # z = mu + sigma * eps keeps the sampling differentiable in mu and logvar
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode(self, z, condition, sampled_indices, complementary_indices):
+        # the decoder sees the condition at I and the lifted latent at the complement Ī
+        fused = self.resampling(self.condition_encoder(condition), self.decode_latent(z),
+                                sampled_indices, complementary_indices)  # (B, hidden_dim)
+        return self.data_decoder(fused)  # (B, output_dim), pixel probabilities
+
+    def forward(self, data, condition, alpha):
+        """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar)."""
+        self._check_width(data, self.config.input_dim, "data")
+        self._check_width(condition, self.config.condition_dim, "condition")
+        sampled_indices, complementary_indices = self.sampling(alpha)
+        mu, logvar = self.encode(data, condition, sampled_indices, complementary_indices)
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z, condition, sampled_indices, complementary_indices), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, condition, alpha, z=None):
+        """Completions for each condition row, with z ~ N(0, I) unless given (the prior at test time)."""
+        self._check_width(condition, self.config.condition_dim, "condition")
+        if z is None:
+            z = torch.randn(condition.shape[0], self.config.latent_dim, device=condition.device)
+        self._check_width(z, self.config.latent_dim, "z")
+        return self.decode(z, condition, *self.sampling(alpha))
+
+    @staticmethod
+    def _check_width(x, width, name):
+        if x.dim() != 2 or x.shape[1] != width:
+            raise ValueError(f"{name} must have shape (batch, {width}), got {tuple(x.shape)}")

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny synthetic MNIST in the IDX layout torchvision reads (no real MNIST, no
+network), and a helper that runs our scripts as a user would."""
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_TRAIN, N_TEST = 300, 120  # 300 = 128 + 128 + 44: the last partial batch is kept
+
+
+def write_idx(raw, prefix, n, rng):
+    """Blobby 28x28 'digits' (a random rectangle of ink), labels 0..9."""
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    for image in images:
+        top, left = rng.integers(2, 12, size=2)
+        image[top:top + rng.integers(8, 16), left:left + rng.integers(6, 14)] = rng.integers(128, 256)
+    with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+    with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+        f.write(struct.pack(">II", 2049, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    write_idx(raw, "train", N_TRAIN, rng)
+    write_idx(raw, "t10k", N_TEST, rng)
+    return str(root)
+
+
+def run_script(script, *args, cwd, check=True):
+    """Run one of our scripts in a subprocess on CPU; returns the CompletedProcess."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if check:
+        assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+    return result

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from model import MixAndMatchCVAE, ModelConfig
+
+
+def batchnorm(prefix, width):
+    return {f"{prefix}.weight": (width,), f"{prefix}.bias": (width,), f"{prefix}.running_mean": (width,),
+            f"{prefix}.running_var": (width,), f"{prefix}.num_batches_tracked": ()}
+
+
+# The tutorial's published state_dict, key by key: Linear at 0 and 3, BatchNorm1d at 1 and 4
+TUTORIAL_SHAPES = {
+    "data_encoder.0.weight": (250, 500), "data_encoder.0.bias": (250,), **batchnorm("data_encoder.1", 250),
+    "data_encoder.3.weight": (128, 250), "data_encoder.3.bias": (128,), **batchnorm("data_encoder.4", 128),
+    "condition_encoder.0.weight": (142, 284), "condition_encoder.0.bias": (142,),
+    **batchnorm("condition_encoder.1", 142),
+    "condition_encoder.3.weight": (128, 142), "condition_encoder.3.bias": (128,),
+    **batchnorm("condition_encoder.4", 128),
+    "mean.weight": (32, 128), "mean.bias": (32,), "std.weight": (32, 128), "std.bias": (32,),
+    "decode_latent.0.weight": (128, 32), "decode_latent.0.bias": (128,),
+    "data_decoder.0.weight": (128, 128), "data_decoder.0.bias": (128,), **batchnorm("data_decoder.1", 128),
+    "data_decoder.3.weight": (500, 128), "data_decoder.3.bias": (500,),
+}
+
+
+def batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 500, generator=g), torch.rand(n, 284, generator=g)
+
+
+def reference_resampling(at_sampled, at_complementary, sampled_indices):
+    """Column by column, the way the tutorial describes it."""
+    fused = at_complementary.clone()
+    for i in sampled_indices.tolist():
+        fused[:, i] = at_sampled[:, i]
+    return fused
+
+
+def test_sampling_draws_a_partition_of_size_alpha_that_changes():
+    model = MixAndMatchCVAE()
+    draws = [model.sampling(64) for _ in range(5)]
+    for sampled, complementary in draws:
+        assert len(sampled) == 64 and len(complementary) == 64
+        assert len(set(sampled.tolist()) & set(complementary.tolist())) == 0
+        assert sorted(sampled.tolist() + complementary.tolist()) == list(range(128))
+    assert len({tuple(sorted(s.tolist())) for s, _ in draws}) == 5
+
+
+def test_sampling_follows_torch_manual_seed():
+    model = MixAndMatchCVAE()
+    torch.manual_seed(3)
+    first = model.sampling(10)[0]
+    torch.manual_seed(3)
+    assert torch.equal(first, model.sampling(10)[0])
+
+
+def test_resampling_puts_each_source_at_its_indices():
+    a, b = torch.randn(4, 128), torch.randn(4, 128)
+    sampled, complementary = MixAndMatchCVAE().sampling(40)
+    fused = MixAndMatchCVAE.resampling(a, b, sampled, complementary)
+    assert torch.equal(fused, reference_resampling(a, b, sampled))
+    assert torch.equal(fused[:, sampled], a[:, sampled])
+    assert torch.equal(fused[:, complementary], b[:, complementary])
+
+
+def test_encoder_sees_data_at_I_and_condition_at_complement():
+    model = MixAndMatchCVAE().eval()  # eval: BatchNorm uses running statistics, so calls agree
+    data, condition = batch()
+    sampled, complementary = model.sampling(64)
+    mu, logvar = model.encode(data, condition, sampled, complementary)
+    fused = reference_resampling(model.data_encoder(data), model.condition_encoder(condition), sampled)
+    assert torch.allclose(mu, model.mean(fused)) and torch.allclose(logvar, model.std(fused))
+
+
+def test_decoder_sees_condition_at_I_and_latent_at_complement():
+    model = MixAndMatchCVAE().eval()
+    _, condition = batch()
+    z = torch.randn(16, 32)
+    sampled, complementary = model.sampling(64)
+    out = model.decode(z, condition, sampled, complementary)
+    fused = reference_resampling(model.condition_encoder(condition), model.decode_latent(z), sampled)
+    assert torch.allclose(out, model.data_decoder(fused))
+
+
+def test_forward_and_sample_shapes_and_ranges():
+    model = MixAndMatchCVAE()
+    data, condition = batch()
+    reconstruction, mu, logvar = model(data, condition, 64)
+    assert reconstruction.shape == (16, 500) and mu.shape == logvar.shape == (16, 32)
+    assert reconstruction.min() >= 0 and reconstruction.max() <= 1
+    model.eval()
+    samples = model.sample(condition, 64)
+    assert samples.shape == (16, 500) and not samples.requires_grad
+    assert samples.min() >= 0 and samples.max() <= 1
+    torch.manual_seed(0)
+    given = model.sample(condition, 64, z=torch.zeros(16, 32))
+    torch.manual_seed(0)
+    assert torch.equal(given, model.sample(condition, 64, z=torch.zeros(16, 32)))
+
+
+@pytest.mark.parametrize("alpha", [0, 1, 127, 128])
+def test_extreme_alphas_run(alpha):
+    model = MixAndMatchCVAE()
+    reconstruction, _, _ = model(*batch(), alpha)
+    assert torch.isfinite(reconstruction).all()
+
+
+def test_gradients_reach_both_encoders_and_the_decoder():
+    model = MixAndMatchCVAE()
+    data, condition = batch()
+    reconstruction, mu, logvar = model(data, condition, 64)
+    (reconstruction.sum() + mu.sum() + logvar.sum()).backward()
+    for name in ["data_encoder.0.weight", "condition_encoder.0.weight", "mean.weight", "std.weight",
+                 "decode_latent.0.weight", "data_decoder.0.weight", "data_decoder.3.weight"]:
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("alpha", [-1, 129])
+def test_alpha_out_of_range_names_the_range(alpha):
+    model = MixAndMatchCVAE()
+    with pytest.raises(ValueError, match=r"alpha must be in 0\.\.128"):
+        model(*batch(), alpha)
+    with pytest.raises(ValueError, match=r"alpha must be in 0\.\.128"):
+        model.sample(batch()[1], alpha)
+
+
+def test_wrong_widths_name_the_expected_width():
+    model = MixAndMatchCVAE()
+    data, condition = batch()
+    with pytest.raises(ValueError, match=r"data must have shape \(batch, 500\)"):
+        model(data[:, :499], condition, 64)
+    with pytest.raises(ValueError, match=r"condition must have shape \(batch, 284\)"):
+        model(data, data, 64)
+    with pytest.raises(ValueError, match=r"z must have shape \(batch, 32\)"):
+        model.sample(condition, 64, z=torch.zeros(16, 8))
+
+
+def test_tutorial_state_dict_layout_loads_strictly():
+    model = MixAndMatchCVAE()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == TUTORIAL_SHAPES
+    tutorial = {k: torch.randn(shape) if shape else torch.tensor(7) for k, shape in TUTORIAL_SHAPES.items()}
+    MixAndMatchCVAE().load_state_dict(tutorial, strict=True)
+
+
+def test_custom_sizes():
+    model = MixAndMatchCVAE(ModelConfig(hidden_dim=32, latent_dim=4))
+    reconstruction, mu, _ = model(*batch(), 10)
+    assert reconstruction.shape == (16, 500) and mu.shape == (16, 4)

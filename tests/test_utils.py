@@ -1,0 +1,80 @@
+import argparse
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence as torch_kl
+
+from model import MixAndMatchCVAE, ModelConfig
+from utils import (join_image, kl_anneal_function, kl_divergence, load_checkpoint, positive_float,
+                   positive_int, save_checkpoint, split_image)
+
+
+def test_logistic_annealing_values():
+    # 1 / (1 + exp(-k (step - x0))) with the tutorial's k = 0.002, x0 = 2500
+    assert kl_anneal_function("logistic", 2500, 0.002, 2500) == 0.5
+    assert math.isclose(kl_anneal_function("logistic", 0, 0.002, 2500), 1 / (1 + math.exp(5)))
+    assert math.isclose(kl_anneal_function("logistic", 5000, 0.002, 2500), 1 / (1 + math.exp(-5)))
+    weights = [kl_anneal_function("logistic", s, 0.002, 2500) for s in range(0, 20000, 500)]
+    assert weights == sorted(weights) and weights[-1] > 0.9999
+
+
+def test_linear_annealing_values():
+    assert kl_anneal_function("linear", 0, 0.002, 2500) == 0
+    assert kl_anneal_function("linear", 1250, 0.002, 2500) == 0.5
+    assert kl_anneal_function("linear", 9000, 0.002, 2500) == 1
+    with pytest.raises(ValueError, match="logistic"):
+        kl_anneal_function("cosine", 0, 0.002, 2500)
+
+
+def test_kl_divergence_matches_torch_distributions():
+    mu, logvar = torch.randn(8, 32), torch.randn(8, 32)
+    expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum()
+    assert torch.allclose(kl_divergence(mu, logvar), expected, rtol=1e-5)
+
+
+def test_split_and_join_are_inverse_at_pixel_500():
+    images = torch.rand(3, 784)
+    data, condition = split_image(images)
+    assert data.shape == (3, 500) and condition.shape == (3, 284)
+    assert torch.equal(condition[:, 0], images[:, 500])
+    assert torch.equal(join_image(data, condition), images)
+
+
+def test_flag_types_refuse_bad_values():
+    assert positive_int("3") == 3 and positive_float("1e-4") == 1e-4
+    for bad in ["0", "-2", "1.5", "x"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(bad)
+    for bad in ["0", "-1e-4", "nan", "x"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_float(bad)
+
+
+def test_checkpoint_round_trip_and_tutorial_state_dict(tmp_path):
+    model = MixAndMatchCVAE(ModelConfig(hidden_dim=64, latent_dim=8))
+    optimizer = torch.optim.Adam(model.parameters())
+    path = str(tmp_path / "sub" / "mix_match_03.pth")
+    save_checkpoint(path, model, optimizer, alpha=20, epoch=3, step=99, args=argparse.Namespace(seed=0))
+    loaded, checkpoint = load_checkpoint(path, torch.device("cpu"))
+    assert loaded.config == model.config and (checkpoint["alpha"], checkpoint["epoch"], checkpoint["step"]) == (20, 3, 99)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+    torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "tutorial.pth")  # a bare state_dict
+    loaded, checkpoint = load_checkpoint(str(tmp_path / "tutorial.pth"), torch.device("cpu"))
+    assert loaded.config == ModelConfig() and checkpoint["alpha"] == 64
+
+
+def test_checkpoint_errors_are_one_clear_message(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.pth"), torch.device("cpu"))
+    torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit, match="truncated"):
+        load_checkpoint(str(tmp_path / "cut.pth"), torch.device("cpu"))
+    torch.save(MixAndMatchCVAE(ModelConfig(hidden_dim=64)).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(SystemExit, match="does not match"):
+        load_checkpoint(str(tmp_path / "other.pth"), torch.device("cpu"))

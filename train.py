@@ -1,0 +1,138 @@
+"""
+Train the Mix-and-Match CVAE on MNIST completion with the tutorial's recipe:
+BCE (sum) + KL * logistic-annealed weight, Adam lr 1e-4, batch 128, 50 epochs, alpha 64.
+
+    python3 train.py --data-root ./data
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.utils import save_image
+
+from model import MixAndMatchCVAE, ModelConfig
+from utils import (get_device, join_image, kl_anneal_function, load_checkpoint, loss_terms,
+                   mnist_dataset, positive_float, positive_int, save_checkpoint, set_seed,
+                   split_image, to_grid_images)
+
+# KL annealing (tutorial): the KL weight follows a logistic ramp over training steps,
+# 0.007 at step 0, 0.5 at step 2500 (epoch ~5.3 with batch 128), ~1 from step 5000 on
+ANNEAL_FUNCTION, ANNEAL_K, ANNEAL_X0 = "logistic", 0.002, 2500
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=positive_int, default=50, help="train until this epoch (default: 50)")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="(default: 128)")
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    parser.add_argument("--alpha", type=int, default=64,
+                        help="Sampling: how many of the hidden_dim indices form I (default: 64)")
+    parser.add_argument("--hidden-dim", type=positive_int, default=128, help="(default: 128)")
+    parser.add_argument("--latent-dim", type=positive_int, default=32, help="(default: 32)")
+    parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--checkpoint-dir", default="checkpoint", help="(default: checkpoint)")
+    parser.add_argument("--results-dir", default="results", help="(default: results)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="continue a run exactly from its checkpoint (sizes and alpha come from it)")
+    args = parser.parse_args()
+    if not 0 <= args.alpha <= args.hidden_dim:
+        parser.error(f"--alpha must be in 0..{args.hidden_dim} (--hidden-dim), got {args.alpha}")
+
+    set_seed(args.seed)
+    device = get_device(args.device)
+    train_set = mnist_dataset(args.data_root, train=True, transform=transforms.ToTensor())
+    test_set = mnist_dataset(args.data_root, train=False, transform=transforms.ToTensor())
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
+    test_loader = DataLoader(test_set, batch_size=1000)
+
+    if args.resume:
+        model, checkpoint = load_checkpoint(args.resume, device)
+        alpha, start_epoch, step = checkpoint["alpha"], checkpoint["epoch"] + 1, checkpoint["step"]
+    else:
+        model = MixAndMatchCVAE(ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim)).to(device)
+        alpha, start_epoch, step = args.alpha, 1, 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if args.resume:
+        restore_training_state(checkpoint, optimizer, args.resume)
+        print(f"resuming {args.resume} after epoch {start_epoch - 1} (step {step}), alpha {alpha}")
+
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(os.path.join(args.results_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, alpha {alpha}")
+    for epoch in range(start_epoch, args.epochs + 1):
+        t0 = time.time()
+        rec, kl, step = train_epoch(model, optimizer, train_loader, alpha, step, device)
+        test_loss = evaluate(model, test_loader, alpha, device)
+        save_reconstructions(model, test_set, alpha, device, os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
+        save_checkpoint(os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth"),
+                        model, optimizer, alpha, epoch, step, args)
+        print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {anneal_weight(step):.3f} "
+              f"| test loss {test_loss:7.2f} | {time.time() - t0:5.1f} s", flush=True)
+
+
+def anneal_weight(step):
+    return kl_anneal_function(ANNEAL_FUNCTION, step, ANNEAL_K, ANNEAL_X0)
+
+
+def train_epoch(model, optimizer, loader, alpha, step, device):
+    """One pass over the shuffled training set; returns (BCE per image, KL per image, step)."""
+    model.train()
+    rec_sum = kl_sum = 0.0
+    for images, _ in loader:
+        data, condition = split_image(images.view(images.shape[0], -1).to(device))
+        reconstruction, mu, logvar = model(data, condition, alpha)
+        bce, kl = loss_terms(reconstruction, data, mu, logvar)
+        loss = bce + anneal_weight(step) * kl  # the KL weight is annealed per step, not per epoch
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        rec_sum += bce.item()
+        kl_sum += kl.item()
+    n = len(loader.dataset)
+    return rec_sum / n, kl_sum / n, step
+
+
+@torch.no_grad()
+def evaluate(model, loader, alpha, device):
+    """Test loss per image: BCE + KL, the negative ELBO (unweighted, so that epochs compare)."""
+    model.eval()
+    total = 0.0
+    for images, _ in loader:
+        data, condition = split_image(images.view(images.shape[0], -1).to(device))
+        reconstruction, mu, logvar = model(data, condition, alpha)
+        bce, kl = loss_terms(reconstruction, data, mu, logvar)
+        total += (bce + kl).item()
+    return total / len(loader.dataset)
+
+
+@torch.no_grad()
+def save_reconstructions(model, test_set, alpha, device, path):
+    """The first 100 test images, 10 per row: reconstructed top on the real bottom."""
+    model.eval()
+    images = test_set.data[:100].reshape(-1, 784).float().div(255).to(device)
+    data, condition = split_image(images)
+    reconstruction = model(data, condition, alpha)[0]
+    save_image(to_grid_images(join_image(reconstruction, condition)).cpu(), path, nrow=10)
+
+
+def restore_training_state(checkpoint, optimizer, path):
+    """Optimizer and RNG state, so that a resumed run draws what the uninterrupted one would."""
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"error: {path!r} holds model weights only (no optimizer state); "
+                         f"--resume needs a checkpoint written by train.py")
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+    if torch.cuda.is_available() and len(checkpoint["rng"]["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
+
+
+if __name__ == "__main__":
+    main()
