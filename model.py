@@ -66,9 +66,9 @@ class MixAndMatchCVAE(nn.Module):
         fused[:, complementary_indices] = at_complementary[:, complementary_indices]
         return fused
 
-    def encode(self, data, condition, sampled_indices, complementary_indices):
+    def encode(self, data, condition_h, sampled_indices, complementary_indices):
         # the encoder sees the data at I and the condition at the complement Ī
-        fused = self.resampling(self.data_encoder(data), self.condition_encoder(condition),
+        fused = self.resampling(self.data_encoder(data), condition_h,
                                 sampled_indices, complementary_indices)  # (B, hidden_dim)
         return self.mean(fused), self.std(fused)  # mu, logvar: (B, latent_dim) each
 
@@ -77,9 +77,9 @@ class MixAndMatchCVAE(nn.Module):
         # z = mu + sigma * eps keeps the sampling differentiable in mu and logvar
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def decode(self, z, condition, sampled_indices, complementary_indices):
+    def decode(self, z, condition_h, sampled_indices, complementary_indices):
         # the decoder sees the condition at I and the lifted latent at the complement Ī
-        fused = self.resampling(self.condition_encoder(condition), self.decode_latent(z),
+        fused = self.resampling(condition_h, self.decode_latent(z),
                                 sampled_indices, complementary_indices)  # (B, hidden_dim)
         return self.data_decoder(fused)  # (B, output_dim), pixel probabilities
 
@@ -88,9 +88,11 @@ class MixAndMatchCVAE(nn.Module):
         self._check_width(data, self.config.input_dim, "data")
         self._check_width(condition, self.config.condition_dim, "condition")
         sampled_indices, complementary_indices = self.sampling(alpha)
-        mu, logvar = self.encode(data, condition, sampled_indices, complementary_indices)
+        # one condition representation feeds both Resamplings (and updates BatchNorm once a step)
+        condition_h = self.condition_encoder(condition)  # (B, hidden_dim)
+        mu, logvar = self.encode(data, condition_h, sampled_indices, complementary_indices)
         z = self.reparameterize(mu, logvar)
-        return self.decode(z, condition, sampled_indices, complementary_indices), mu, logvar
+        return self.decode(z, condition_h, sampled_indices, complementary_indices), mu, logvar
 
     @torch.no_grad()
     def sample(self, condition, alpha, z=None):
@@ -99,7 +101,7 @@ class MixAndMatchCVAE(nn.Module):
         if z is None:
             z = torch.randn(condition.shape[0], self.config.latent_dim, device=condition.device)
         self._check_width(z, self.config.latent_dim, "z")
-        return self.decode(z, condition, *self.sampling(alpha))
+        return self.decode(z, self.condition_encoder(condition), *self.sampling(alpha))
 
     @staticmethod
     def _check_width(x, width, name):

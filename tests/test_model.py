@@ -68,7 +68,7 @@ def test_encoder_sees_data_at_I_and_condition_at_complement():
     model = MixAndMatchCVAE().eval()  # eval: BatchNorm uses running statistics, so calls agree
     data, condition = batch()
     sampled, complementary = model.sampling(64)
-    mu, logvar = model.encode(data, condition, sampled, complementary)
+    mu, logvar = model.encode(data, model.condition_encoder(condition), sampled, complementary)
     fused = reference_resampling(model.data_encoder(data), model.condition_encoder(condition), sampled)
     assert torch.allclose(mu, model.mean(fused)) and torch.allclose(logvar, model.std(fused))
 
@@ -78,7 +78,7 @@ def test_decoder_sees_condition_at_I_and_latent_at_complement():
     _, condition = batch()
     z = torch.randn(16, 32)
     sampled, complementary = model.sampling(64)
-    out = model.decode(z, condition, sampled, complementary)
+    out = model.decode(z, model.condition_encoder(condition), sampled, complementary)
     fused = reference_resampling(model.condition_encoder(condition), model.decode_latent(z), sampled)
     assert torch.allclose(out, model.data_decoder(fused))
 
@@ -104,6 +104,13 @@ def test_extreme_alphas_run(alpha):
     model = MixAndMatchCVAE()
     reconstruction, _, _ = model(*batch(), alpha)
     assert torch.isfinite(reconstruction).all()
+
+
+def test_forward_encodes_the_condition_once():
+    model = MixAndMatchCVAE()
+    model(*batch(), 64)
+    assert model.condition_encoder[1].num_batches_tracked == 1  # BatchNorm statistics updated once
+    assert model.data_encoder[1].num_batches_tracked == 1
 
 
 def test_gradients_reach_both_encoders_and_the_decoder():
