@@ -13,7 +13,7 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from utils import (get_device, join_image, load_checkpoint, mnist_dataset, newest_checkpoint,
+from utils import (get_device, join_image, load_checkpoint, load_mnist, newest_checkpoint,
                    plot_sampling_resampling, positive_int, set_seed, split_image, to_grid_images)
 
 
@@ -40,10 +40,10 @@ def main():
     if not 0 <= alpha <= model.config.hidden_dim:
         parser.error(f"--alpha must be in 0..{model.config.hidden_dim} for this checkpoint, got {alpha}")
 
-    test_set = mnist_dataset(args.data_root, train=False)
-    if args.n_images > len(test_set):
-        parser.error(f"--n-images must be at most {len(test_set)}, the test set's size")
-    images = test_set.data[:args.n_images].reshape(args.n_images, -1).float().div(255).to(device)
+    test_images, _ = load_mnist(args.data_root, train=False, device=device)
+    if args.n_images > len(test_images):
+        parser.error(f"--n-images must be at most {len(test_images)}, the test set's size")
+    images = test_images[:args.n_images]
     grid = completion_grid(model, images, alpha, args.n_samples)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_image(to_grid_images(grid.reshape(-1, grid.shape[-1])).cpu(), args.out, nrow=grid.shape[1])

@@ -11,13 +11,11 @@ import time
 
 import torch
 from torch.utils.data import DataLoader
-from torchvision import transforms
 from torchvision.utils import save_image
 
 from model import MixAndMatchCVAE, ModelConfig
-from utils import (get_device, join_image, kl_anneal_function, load_checkpoint, loss_terms,
-                   mnist_dataset, positive_float, positive_int, save_checkpoint, set_seed,
-                   split_image, to_grid_images)
+from utils import (get_device, join_image, kl_anneal_function, load_checkpoint, load_mnist, loss_terms,
+                   positive_float, positive_int, save_checkpoint, set_seed, split_image, to_grid_images)
 
 # KL annealing (tutorial): the KL weight follows a logistic ramp over training steps,
 # 0.007 at step 0, 0.5 at step 2500 (epoch ~5.3 with batch 128), ~1 from step 5000 on
@@ -46,10 +44,8 @@ def main():
 
     set_seed(args.seed)
     device = get_device(args.device)
-    train_set = mnist_dataset(args.data_root, train=True, transform=transforms.ToTensor())
-    test_set = mnist_dataset(args.data_root, train=False, transform=transforms.ToTensor())
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True)
-    test_loader = DataLoader(test_set, batch_size=1000)
+    train_images, _ = load_mnist(args.data_root, train=True, device=device)
+    test_images, _ = load_mnist(args.data_root, train=False, device=device)
 
     if args.resume:
         model, checkpoint = load_checkpoint(args.resume, device)
@@ -57,7 +53,9 @@ def main():
     else:
         model = MixAndMatchCVAE(ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim)).to(device)
         alpha, start_epoch, step = args.alpha, 1, 0
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # fused: one kernel updates all parameters; the default per-parameter loop costs more than
+    # this small model's arithmetic on a CPU (tests/bench_train.py)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     if args.resume:
         restore_training_state(checkpoint, optimizer, args.resume)
         print(f"resuming {args.resume} after epoch {start_epoch - 1} (step {step}), alpha {alpha}")
@@ -68,9 +66,9 @@ def main():
     print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, alpha {alpha}")
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
-        rec, kl, step = train_epoch(model, optimizer, train_loader, alpha, step, device)
-        test_loss = evaluate(model, test_loader, alpha, device)
-        save_reconstructions(model, test_set, alpha, device, os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
+        rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, alpha, step)
+        test_loss = evaluate(model, test_images, alpha)
+        save_reconstructions(model, test_images[:100], alpha, os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
         save_checkpoint(os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth"),
                         model, optimizer, alpha, epoch, step, args)
         print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {anneal_weight(step):.3f} "
@@ -81,12 +79,16 @@ def anneal_weight(step):
     return kl_anneal_function(ANNEAL_FUNCTION, step, ANNEAL_K, ANNEAL_X0)
 
 
-def train_epoch(model, optimizer, loader, alpha, step, device):
-    """One pass over the shuffled training set; returns (BCE per image, KL per image, step)."""
+def train_epoch(model, optimizer, images, batch_size, alpha, step):
+    """One pass over the training images in shuffled batches of batch_size, the last partial one
+    kept; returns (BCE per image, KL per image, step)."""
     model.train()
     rec_sum = kl_sum = 0.0
-    for images, _ in loader:
-        data, condition = split_image(images.view(images.shape[0], -1).to(device))
+    # a DataLoader over the indices shuffles with the same generator draws as the tutorial's
+    # DataLoader over the images, so a seed gives the tutorial's batches; the images themselves
+    # are sliced from one tensor
+    for indices in DataLoader(range(len(images)), batch_size=batch_size, shuffle=True):
+        data, condition = split_image(images[indices])
         reconstruction, mu, logvar = model(data, condition, alpha)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
         loss = bce + anneal_weight(step) * kl  # the KL weight is annealed per step, not per epoch
@@ -94,30 +96,28 @@ def train_epoch(model, optimizer, loader, alpha, step, device):
         loss.backward()
         optimizer.step()
         step += 1
-        rec_sum += bce.item()
-        kl_sum += kl.item()
-    n = len(loader.dataset)
-    return rec_sum / n, kl_sum / n, step
+        rec_sum += bce.detach()  # kept on the device: no synchronisation per step
+        kl_sum += kl.detach()
+    return rec_sum.item() / len(images), kl_sum.item() / len(images), step
 
 
 @torch.no_grad()
-def evaluate(model, loader, alpha, device):
+def evaluate(model, images, alpha, batch_size=1000):
     """Test loss per image: BCE + KL, the negative ELBO (unweighted, so that epochs compare)."""
     model.eval()
     total = 0.0
-    for images, _ in loader:
-        data, condition = split_image(images.view(images.shape[0], -1).to(device))
+    for batch in images.split(batch_size):
+        data, condition = split_image(batch)
         reconstruction, mu, logvar = model(data, condition, alpha)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
         total += (bce + kl).item()
-    return total / len(loader.dataset)
+    return total / len(images)
 
 
 @torch.no_grad()
-def save_reconstructions(model, test_set, alpha, device, path):
-    """The first 100 test images, 10 per row: reconstructed top on the real bottom."""
+def save_reconstructions(model, images, alpha, path):
+    """The images (100 test images), 10 per row: reconstructed top on the real bottom."""
     model.eval()
-    images = test_set.data[:100].reshape(-1, 784).float().div(255).to(device)
     data, condition = split_image(images)
     reconstruction = model(data, condition, alpha)[0]
     save_image(to_grid_images(join_image(reconstruction, condition)).cpu(), path, nrow=10)

@@ -31,9 +31,9 @@ def batch(n=16, seed=0):
 
 def reference_resampling(at_sampled, at_complementary, sampled_indices):
     """Column by column, the way the tutorial describes it."""
-    fused = at_complementary.clone()
-    for i in sampled_indices.tolist():
-        fused[:, i] = at_sampled[:, i]
+    fused = torch.zeros_like(at_sampled)
+    for i in range(at_sampled.shape[1]):
+        fused[:, i] = at_sampled[:, i] if i in sampled_indices.tolist() else at_complementary[:, i]
     return fused
 
 
@@ -58,17 +58,23 @@ def test_sampling_follows_torch_manual_seed():
 def test_resampling_puts_each_source_at_its_indices():
     a, b = torch.randn(4, 128), torch.randn(4, 128)
     sampled, complementary = MixAndMatchCVAE().sampling(40)
-    fused = MixAndMatchCVAE.resampling(a, b, sampled, complementary)
+    fused = MixAndMatchCVAE.resampling(a, b, sampled)
     assert torch.equal(fused, reference_resampling(a, b, sampled))
     assert torch.equal(fused[:, sampled], a[:, sampled])
     assert torch.equal(fused[:, complementary], b[:, complementary])
+    # the backward routes each gradient to the source that gave the entry, as the reference's does
+    a.requires_grad_(), b.requires_grad_()
+    weight = torch.randn(4, 128)
+    grads = torch.autograd.grad((MixAndMatchCVAE.resampling(a, b, sampled) * weight).sum(), [a, b])
+    expected = torch.autograd.grad((reference_resampling(a, b, sampled) * weight).sum(), [a, b])
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected))
 
 
 def test_encoder_sees_data_at_I_and_condition_at_complement():
     model = MixAndMatchCVAE().eval()  # eval: BatchNorm uses running statistics, so calls agree
     data, condition = batch()
-    sampled, complementary = model.sampling(64)
-    mu, logvar = model.encode(data, model.condition_encoder(condition), sampled, complementary)
+    sampled, _ = model.sampling(64)
+    mu, logvar = model.encode(data, model.condition_encoder(condition), sampled)
     fused = reference_resampling(model.data_encoder(data), model.condition_encoder(condition), sampled)
     assert torch.allclose(mu, model.mean(fused)) and torch.allclose(logvar, model.std(fused))
 
@@ -77,8 +83,8 @@ def test_decoder_sees_condition_at_I_and_latent_at_complement():
     model = MixAndMatchCVAE().eval()
     _, condition = batch()
     z = torch.randn(16, 32)
-    sampled, complementary = model.sampling(64)
-    out = model.decode(z, model.condition_encoder(condition), sampled, complementary)
+    sampled, _ = model.sampling(64)
+    out = model.decode(z, model.condition_encoder(condition), sampled)
     fused = reference_resampling(model.condition_encoder(condition), model.decode_latent(z), sampled)
     assert torch.allclose(out, model.data_decoder(fused))
 
