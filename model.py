@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+CONDITIONINGS = ("mix-and-match", "fixed")
+
 
 @dataclass
 class ModelConfig:
@@ -21,6 +23,9 @@ class ModelConfig:
     output_dim: int = 500  # the decoder completes the top
     hidden_dim: int = 128
     latent_dim: int = 32
+    # "mix-and-match": a fresh random I per pass (the tutorial); "fixed": I is always the first
+    # alpha indices, the paper's deterministic (concatenation) baseline of Table 1
+    conditioning: str = "mix-and-match"
 
 
 def _encoder(in_dim, hidden_dim):
@@ -36,6 +41,8 @@ class MixAndMatchCVAE(nn.Module):
     def __init__(self, config=None):
         super().__init__()
         self.config = config = config or ModelConfig()
+        if config.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {config.conditioning!r}")
         self.data_encoder = _encoder(config.input_dim, config.hidden_dim)
         self.condition_encoder = _encoder(config.condition_dim, config.hidden_dim)
         # posterior q(z | data, condition); `std` holds the log-variance, as in the tutorial
@@ -48,13 +55,27 @@ class MixAndMatchCVAE(nn.Module):
             nn.Linear(config.hidden_dim, config.output_dim), nn.Sigmoid(),
         )
 
-    def sampling(self, alpha):
+    def sampling(self, alpha, curriculum_stage=None):
         """Sampling (tutorial step 2): a random set I of `alpha` distinct indices out of hidden_dim,
-        and its complement. Drawn from torch's generator, so torch.manual_seed fixes a run."""
+        and its complement Ī. Drawn from torch's generator, so torch.manual_seed fixes a run.
+
+        At a curriculum stage s (paper, section 3.3) I is the first alpha - s indices of the known
+        part (the first alpha) plus s drawn from the rest; "fixed" conditioning is stage 0."""
         hidden_dim = self.config.hidden_dim
         if not 0 <= alpha <= hidden_dim:
             raise ValueError(f"alpha must be in 0..{hidden_dim} (a count of hidden units), got {alpha}")
-        order = torch.randperm(hidden_dim, device=self.mean.weight.device)
+        device = self.mean.weight.device
+        if self.config.conditioning == "fixed":
+            curriculum_stage = 0
+        if curriculum_stage is None:
+            order = torch.randperm(hidden_dim, device=device)
+        else:
+            if not 0 <= curriculum_stage <= min(alpha, hidden_dim - alpha):
+                raise ValueError(f"curriculum_stage must be in 0..{min(alpha, hidden_dim - alpha)}, "
+                                 f"got {curriculum_stage}")
+            known, rest = torch.arange(alpha, device=device), alpha + torch.randperm(hidden_dim - alpha, device=device)
+            kept = alpha - curriculum_stage  # known indices that stay in I at this stage
+            order = torch.cat([known[:kept], rest[:curriculum_stage], known[kept:], rest[curriculum_stage:]])
         return order[:alpha], order[alpha:]  # sampled_indices I, complementary_indices Ī
 
     @staticmethod
@@ -82,11 +103,11 @@ class MixAndMatchCVAE(nn.Module):
         fused = self.resampling(condition_h, self.decode_latent(z), sampled_indices)  # (B, hidden_dim)
         return self.data_decoder(fused)  # (B, output_dim), pixel probabilities
 
-    def forward(self, data, condition, alpha):
+    def forward(self, data, condition, alpha, curriculum_stage=None):
         """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar)."""
         self._check_width(data, self.config.input_dim, "data")
         self._check_width(condition, self.config.condition_dim, "condition")
-        sampled_indices, _ = self.sampling(alpha)
+        sampled_indices, _ = self.sampling(alpha, curriculum_stage)
         # one condition representation feeds both Resamplings (and updates BatchNorm once a step)
         condition_h = self.condition_encoder(condition)  # (B, hidden_dim)
         mu, logvar = self.encode(data, condition_h, sampled_indices)

@@ -13,8 +13,12 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from utils import (get_device, join_image, load_checkpoint, load_mnist, newest_checkpoint,
-                   plot_sampling_resampling, positive_int, set_seed, split_image, to_grid_images)
+from utils import (active_units, classifier_log_probs, classifier_scores, completion_distances, get_device,
+                   importance_weighted_nll, join_image, load_checkpoint, load_mnist, load_or_train_classifier,
+                   newest_checkpoint, plot_sampling_resampling, posterior_draws, positive_int, set_seed,
+                   split_image, to_grid_images)
+
+CHECKPOINT_DIR = "checkpoint"
 
 
 def main():
@@ -30,19 +34,28 @@ def main():
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
     parser.add_argument("--figure", metavar="PATH",
                         help="also draw one Sampling and the two Resamplings it gives to PATH")
+    parser.add_argument("--metrics", action="store_true",
+                        help="also print the evaluation table: likelihood, diversity, latent use, quality")
+    parser.add_argument("--n-eval", type=positive_int, default=1000, help="test images for --metrics (default: 1000)")
+    parser.add_argument("--n-importance", type=positive_int, default=100,
+                        help="importance samples per image for the NLL of --metrics (default: 100)")
     args = parser.parse_args()
 
     set_seed(args.seed)
     device = get_device(args.device)
-    model, checkpoint = load_checkpoint(args.checkpoint or newest_checkpoint("checkpoint"), device)
+    checkpoint_path = args.checkpoint or newest_checkpoint(CHECKPOINT_DIR)
+    model, checkpoint = load_checkpoint(checkpoint_path, device)
     model.eval()
     alpha = checkpoint["alpha"] if args.alpha is None else args.alpha
     if not 0 <= alpha <= model.config.hidden_dim:
         parser.error(f"--alpha must be in 0..{model.config.hidden_dim} for this checkpoint, got {alpha}")
 
-    test_images, _ = load_mnist(args.data_root, train=False, device=device)
-    if args.n_images > len(test_images):
-        parser.error(f"--n-images must be at most {len(test_images)}, the test set's size")
+    test_images, test_labels = load_mnist(args.data_root, train=False, device=device)
+    for flag, value in [("--n-images", args.n_images), ("--n-eval", args.n_eval if args.metrics else 0)]:
+        if value > len(test_images):
+            parser.error(f"{flag} must be at most {len(test_images)}, the test set's size")
+    if args.metrics and args.n_samples < 2:
+        parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
     images = test_images[:args.n_images]
     grid = completion_grid(model, images, alpha, args.n_samples)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -53,6 +66,16 @@ def main():
         plot_sampling_resampling(*model.sampling(alpha), model.config.hidden_dim, args.figure)
         print(f"wrote {args.figure}")
 
+    if args.metrics:
+        # one classifier for every checkpoint, so that their quality scores compare
+        classifier = load_or_train_classifier(os.path.join(CHECKPOINT_DIR, "digit_classifier.pth"),
+                                              *load_mnist(args.data_root, train=True, device=device), device)
+        accuracy = (classifier_log_probs(classifier, test_images).argmax(1) == test_labels).float().mean().item()
+        print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, alpha {alpha}; first {args.n_eval} "
+              f"test images, K = {args.n_samples} completions, S = {args.n_importance} importance samples, "
+              f"seed {args.seed}; digit classifier test accuracy {100 * accuracy:.2f}%")
+        print_metrics(model, classifier, test_images[:args.n_eval], alpha, args.n_samples, args.n_importance)
+
 
 @torch.no_grad()
 def completion_grid(model, images, alpha, n_samples):
@@ -62,6 +85,38 @@ def completion_grid(model, images, alpha, n_samples):
     columns = [images, join_image(torch.zeros_like(data), condition)]
     columns += [join_image(model.sample(condition, alpha), condition) for _ in range(n_samples)]
     return torch.stack(columns, dim=1)
+
+
+@torch.no_grad()
+def print_metrics(model, classifier, images, alpha, n_samples, n_importance):
+    """The paper's measures adapted to MNIST completion (README, Results), per image, averaged
+    over the images; the real tops give a reference row for the classifier's measures."""
+    data, condition = split_image(images)
+    log_w, bce, kl, means = posterior_draws(model, data, condition, alpha, n_importance)
+    completions = torch.stack([model.sample(condition, alpha) for _ in range(n_samples)], dim=1)  # (N, K, 500)
+    diversity, best_error, mean_error = completion_distances(completions, data)
+    completed = join_image(completions, condition[:, None].expand(-1, n_samples, -1))  # (N, K, 784)
+    scores = classifier_scores(classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2]))
+    truth = classifier_scores(classifier_log_probs(classifier, images)[:, None])  # K = 1: the real top
+    rows = [
+        ("reconstruction BCE, 500 pixels (nats)", bce.mean(), None),
+        ("KL (nats)", kl.mean(), None),
+        ("negative ELBO = BCE + KL (nats)", (bce + kl).mean(), None),
+        (f"IW NLL -log p(top | bottom), S={n_importance} (nats)", importance_weighted_nll(log_w).mean(), None),
+        (f"diversity: mean distance between the K={n_samples}", diversity.mean(), None),
+        ("best-of-K distance to the true top", best_error.mean(), None),
+        ("mean distance to the true top", mean_error.mean(), None),
+        (f"active latent units (of {model.config.latent_dim})", active_units(means), None),
+        ("classifier confidence", scores[0].mean(), truth[0].mean()),
+        ("share with confidence >= 0.9", scores[1].mean(), truth[1].mean()),
+        ("distinct digits among the K", scores[2].mean(), truth[2].mean()),
+        ("conditional Inception Score", scores[3].mean(), truth[3].mean()),
+    ]
+    print(f"{'metric (per image)':<48} {'model':>9} {'real top':>9}")
+    for name, value, reference in rows:
+        reference = "" if reference is None else f"{float(reference):9.3f}"
+        value = f"{value:9d}" if isinstance(value, int) else f"{float(value):9.3f}"
+        print(f"{name:<48} {value} {reference:>9}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_linear_annealing_values():
 
 def test_kl_divergence_matches_torch_distributions():
     mu, logvar = torch.randn(8, 32), torch.randn(8, 32)
-    expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum()
+    expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(1)  # per image
     assert torch.allclose(kl_divergence(mu, logvar), expected, rtol=1e-5)
 
 
