@@ -234,11 +234,12 @@ def plot_history(histories, path):
     weight_ax = kl_ax.twinx()
     for (name, history), color in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         epochs = [h["epoch"] for h in history]
-        loss_ax.plot(epochs, [h["train_rec"] for h in history], color=color, label=f"{name}: train BCE")
-        loss_ax.plot(epochs, [h["test_loss"] for h in history], color=color, linestyle="--",
-                     label=f"{name}: test BCE + KL")
-        kl_ax.plot(epochs, [h["train_kl"] for h in history], color=color, label=f"{name}: train KL")
-    weight_ax.plot(epochs, [h["kl_weight"] for h in history], color="grey", linestyle=":", label="KL weight")
+        dots = dict(color=color, marker="o", markersize=2.5)  # visible from the first epoch on
+        loss_ax.plot(epochs, [h["train_rec"] for h in history], label=f"{name}: train BCE", **dots)
+        loss_ax.plot(epochs, [h["test_loss"] for h in history], linestyle="--", label=f"{name}: test BCE + KL", **dots)
+        kl_ax.plot(epochs, [h["train_kl"] for h in history], label=f"{name}: train KL", **dots)
+    weight_ax.plot(epochs, [h["kl_weight"] for h in history], color="grey", linestyle=":", marker="o",
+                   markersize=2.5, label="KL weight")
     loss_ax.set(xlabel="epoch", ylabel="nats per image", title="Reconstruction and test loss")
     kl_ax.set(xlabel="epoch", ylabel="KL, nats per image", title="KL term (latent use)")
     weight_ax.set(ylabel="KL weight (logistic annealing)", ylim=(0, 1.05))
