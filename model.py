@@ -56,7 +56,7 @@ class MixAndMatchCVAE(nn.Module):
         )
 
     def sampling(self, alpha, curriculum_stage=None):
-        """Sampling (tutorial step 2): a random set I of `alpha` distinct indices out of hidden_dim,
+        """Sampling (README walk-through, step 3): a random set I of `alpha` distinct indices out of hidden_dim,
         and its complement Ī. Drawn from torch's generator, so torch.manual_seed fixes a run.
 
         At a curriculum stage s (paper, section 3.3) I is the first alpha - s indices of the known
@@ -80,7 +80,7 @@ class MixAndMatchCVAE(nn.Module):
 
     @staticmethod
     def resampling(at_sampled, at_complementary, sampled_indices):
-        """Resampling (tutorial step 3): a hidden vector whose entries I come from the first
+        """Resampling (README walk-through, step 4): a hidden vector whose entries I come from the first
         source and whose entries Ī, the rest, from the second."""
         is_sampled = torch.zeros(at_sampled.shape[1], dtype=torch.bool, device=at_sampled.device)
         is_sampled[sampled_indices] = True

@@ -44,7 +44,8 @@ def main():
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--resume", metavar="PATH",
-                        help="continue a run exactly from its checkpoint (sizes and alpha come from it)")
+                        help="continue a run exactly from its checkpoint (sizes, alpha, conditioning "
+                             "and curriculum come from it)")
     args = parser.parse_args()
     if not 0 <= args.alpha <= args.hidden_dim:
         parser.error(f"--alpha must be in 0..{args.hidden_dim} (--hidden-dim), got {args.alpha}")
@@ -58,6 +59,9 @@ def main():
 
     if args.resume:
         model, checkpoint = load_checkpoint(args.resume, device)
+        if "optimizer" not in checkpoint:
+            raise SystemExit(f"error: {args.resume!r} holds model weights only (no optimizer state); "
+                             f"--resume needs a checkpoint written by train.py")
         alpha, start_epoch, step = checkpoint["alpha"], checkpoint["epoch"] + 1, checkpoint["step"]
         curriculum_step, history = checkpoint["curriculum_step"], checkpoint["history"]
     else:
@@ -68,7 +72,7 @@ def main():
     # this small model's arithmetic on a CPU (tests/bench_train.py)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
     if args.resume:
-        restore_training_state(checkpoint, optimizer, args.resume)
+        restore_training_state(checkpoint, optimizer)
         print(f"resuming {args.resume} after epoch {start_epoch - 1} (step {step}), alpha {alpha}")
 
     os.makedirs(args.results_dir, exist_ok=True)
@@ -153,11 +157,8 @@ def save_reconstructions(model, images, alpha, path):
     save_image(to_grid_images(join_image(reconstruction, condition)).cpu(), path, nrow=10)
 
 
-def restore_training_state(checkpoint, optimizer, path):
+def restore_training_state(checkpoint, optimizer):
     """Optimizer and RNG state, so that a resumed run draws what the uninterrupted one would."""
-    if "optimizer" not in checkpoint:
-        raise SystemExit(f"error: {path!r} holds model weights only (no optimizer state); "
-                         f"--resume needs a checkpoint written by train.py")
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
     if torch.cuda.is_available() and len(checkpoint["rng"]["cuda"]) == torch.cuda.device_count():

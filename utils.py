@@ -266,7 +266,6 @@ def posterior_draws(model, data, condition, alpha, n_importance):
     I is drawn from its prior in both the proposal and the model, so p(I) cancels from the
     weights and they estimate p(top | bottom) with the Sampling marginalised out."""
     condition_h = model.condition_encoder(condition)
-    standard = torch.distributions.Normal(0.0, 1.0)
     log_w, bce, kl, means = [], [], [], []
     for _ in range(n_importance):
         sampled_indices, _ = model.sampling(alpha)
@@ -275,10 +274,15 @@ def posterior_draws(model, data, condition, alpha, n_importance):
         reconstruction = model.decode(z, condition_h, sampled_indices)
         bce.append(F.binary_cross_entropy(reconstruction, data, reduction="none").sum(1))
         kl.append(kl_divergence(mu, logvar))
-        log_q = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(1)
-        log_w.append(-bce[-1] + standard.log_prob(z).sum(1) - log_q)
+        log_p, log_q = log_normal(z, torch.zeros_like(mu), torch.zeros_like(logvar)), log_normal(z, mu, logvar)
+        log_w.append(-bce[-1] + log_p - log_q)
         means.append(mu)
     return torch.stack(log_w), torch.stack(bce), torch.stack(kl), torch.stack(means)
+
+
+def log_normal(z, mu, logvar):
+    # log N(z; mu, exp(logvar)) summed over the latent units: -0.5 * (log 2 pi + logvar + (z - mu)^2 / var)
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(1)
 
 
 def importance_weighted_nll(log_w):
@@ -318,8 +322,8 @@ def classifier_scores(log_probs):
 
 
 def digit_classifier():
-    """A small CNN for the quality metrics, on flattened (B, 784) images; 99.1% on MNIST's test
-    set with the training below."""
+    """A small CNN for the quality metrics, on flattened (B, 784) images; 99.22% on MNIST's test
+    set with the training below (README, Results)."""
     return nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)),
         nn.Conv2d(1, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 13, 13)
@@ -329,8 +333,8 @@ def digit_classifier():
 
 
 def random_shift(images, pixels=2):
-    """Each (784,) image moved by a random whole number of pixels, up to `pixels` each way: the
-    augmentation that takes the classifier from 98.6% to 99.1% test accuracy."""
+    """Each (784,) image moved by a random whole number of pixels, up to `pixels` each way. With
+    dropout and a decaying learning rate it took the classifier from 98.6% to 99.2% test accuracy."""
     n = images.shape[0]
     theta = torch.zeros(n, 2, 3, device=images.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
@@ -351,7 +355,7 @@ def load_or_train_classifier(path, train_images, train_labels, device, epochs=4,
         except Exception as e:  # a broken cache is only a cache: train again
             print(f"retraining the digit classifier: cannot read {path} ({type(e).__name__})")
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # the CPU's and the CUDA devices' generators
         torch.manual_seed(0)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.6)

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script
+from model import MixAndMatchCVAE
 
 EPOCH_LINE = re.compile(r"epoch +(\d+) \| rec +([\d.]+) \| kl +([\d.]+) \| kl weight ([\d.]+) \| test loss +([\d.]+)")
 
@@ -67,6 +68,10 @@ def test_user_errors_are_one_clear_message(tmp_path, mnist_root):
 
     result = run_script("train.py", "--data-root", tmp_path / "nowhere", cwd=tmp_path, check=False)
     assert result.returncode != 0 and "MNIST/raw" in result.stderr and "Traceback" not in result.stderr
+
+    torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "tutorial.pth")  # weights only: cannot resume
+    result = run_script("train.py", "--data-root", mnist_root, "--resume", "tutorial.pth", cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "weights only" in result.stderr and "Traceback" not in result.stderr
 
     result = run_script("train.py", "--alpha", "200", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "--alpha must be in 0..128" in result.stderr
