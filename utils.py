@@ -173,15 +173,18 @@ def load_checkpoint(path, device):
                          f"Download it again or retrain with `python3 train.py`.")
     if not isinstance(checkpoint, dict):
         raise SystemExit(f"error: {path!r} holds a {type(checkpoint).__name__}, not a checkpoint")
-    if "model" not in checkpoint:  # the tutorial's published file: a bare state_dict
+    bare = "model" not in checkpoint  # the tutorial's published file: a bare state_dict
+    if bare:
         checkpoint = {"model": checkpoint, "config": asdict(ModelConfig()), "alpha": TUTORIAL_ALPHA}
     try:
         model = MixAndMatchCVAE(ModelConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"], strict=True)
     except (TypeError, RuntimeError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise SystemExit(f"error: checkpoint {path!r} does not match MixAndMatchCVAE "
-                         f"{checkpoint.get('config')}: {first_line}")
+        # load_state_dict's first line is a header; the next names the first mismatch
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        sizes = "a bare state_dict, read with the tutorial's sizes" if bare else f"sizes {checkpoint.get('config')}"
+        raise SystemExit(f"error: checkpoint {path!r} does not match MixAndMatchCVAE ({sizes}): "
+                         f"{lines[1] if len(lines) > 1 else lines[0]}")
     return model.to(device), checkpoint
 
 
