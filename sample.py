@@ -69,7 +69,7 @@ def main():
     if args.metrics:
         # one classifier for every checkpoint, so that their quality scores compare
         classifier = load_or_train_classifier(os.path.join(CHECKPOINT_DIR, "digit_classifier.pth"),
-                                              *load_mnist(args.data_root, train=True, device=device), device)
+                                              args.data_root, device)
         accuracy = (classifier_log_probs(classifier, test_images).argmax(1) == test_labels).float().mean().item()
         print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, alpha {alpha}; first {args.n_eval} "
               f"test images, K = {args.n_samples} completions, S = {args.n_importance} importance samples, "
@@ -78,13 +78,19 @@ def main():
 
 
 @torch.no_grad()
+def complete(model, condition, alpha, n_samples):
+    """(N, n_samples, 784): generated tops on the real bottoms. One batched call per completion,
+    so that each has its own Sampling draw as well as its own latents."""
+    tops = torch.stack([model.sample(condition, alpha) for _ in range(n_samples)], dim=1)  # (N, K, 500)
+    return join_image(tops, condition[:, None].expand(-1, n_samples, -1))
+
+
+@torch.no_grad()
 def completion_grid(model, images, alpha, n_samples):
-    """(N, 2 + n_samples, 784): truth, condition alone, completions. One batched call per column,
-    so that each column has its own Sampling draw as well as its own latents."""
+    """(N, 2 + n_samples, 784): truth, condition alone (top blank), completions."""
     data, condition = split_image(images)
-    columns = [images, join_image(torch.zeros_like(data), condition)]
-    columns += [join_image(model.sample(condition, alpha), condition) for _ in range(n_samples)]
-    return torch.stack(columns, dim=1)
+    condition_alone = join_image(torch.zeros_like(data), condition)
+    return torch.cat([images[:, None], condition_alone[:, None], complete(model, condition, alpha, n_samples)], dim=1)
 
 
 @torch.no_grad()
@@ -93,9 +99,8 @@ def print_metrics(model, classifier, images, alpha, n_samples, n_importance):
     over the images; the real tops give a reference row for the classifier's measures."""
     data, condition = split_image(images)
     log_w, bce, kl, means = posterior_draws(model, data, condition, alpha, n_importance)
-    completions = torch.stack([model.sample(condition, alpha) for _ in range(n_samples)], dim=1)  # (N, K, 500)
-    diversity, best_error, mean_error = completion_distances(completions, data)
-    completed = join_image(completions, condition[:, None].expand(-1, n_samples, -1))  # (N, K, 784)
+    completed = complete(model, condition, alpha, n_samples)  # (N, K, 784)
+    diversity, best_error, mean_error = completion_distances(split_image(completed)[0], data)
     scores = classifier_scores(classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2]))
     truth = classifier_scores(classifier_log_probs(classifier, images)[:, None])  # K = 1: the real top
     rows = [

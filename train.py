@@ -85,16 +85,17 @@ def main():
         stage = curriculum_stage(epoch, curriculum_step, alpha, model.config.hidden_dim)
         rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, alpha, step, stage)
         test_loss = evaluate(model, test_images, alpha)  # with the Sampling used at test time
-        history.append({"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
-                        "test_loss": test_loss, "curriculum_stage": stage, "seconds": time.time() - t0})
+        record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
+                  "test_loss": test_loss, "curriculum_stage": stage, "seconds": time.time() - t0}
+        history.append(record)
         save_reconstructions(model, test_images[:100], alpha, os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
         save_checkpoint(os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth"), model, optimizer,
                         alpha, epoch, step, args, curriculum_step=curriculum_step, history=history)
         with open(os.path.join(args.results_dir, "history.json"), "w") as f:
             json.dump(history, f, indent=1)
         plot_history({model.config.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
-        print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {anneal_weight(step):.3f} "
-              f"| test loss {test_loss:7.2f} | {time.time() - t0:5.1f} s"
+        print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
+              f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
               + ("" if stage is None else f" | curriculum stage {stage}"), flush=True)
 
 

@@ -76,8 +76,8 @@ def load_mnist(root, train, device):
 
 
 def split_image(images):
-    """(B, 784) images -> data (B, 500): the top to complete, condition (B, 284): the bottom."""
-    return images[:, :SPLIT], images[:, SPLIT:]
+    """(..., 784) images -> data (..., 500): the top to complete, condition (..., 284): the bottom."""
+    return images[..., :SPLIT], images[..., SPLIT:]
 
 
 def join_image(top, bottom):
@@ -132,7 +132,7 @@ def set_seed(seed):
 
 def save_checkpoint(path, model, optimizer, alpha, epoch, step, args, curriculum_step=0, history=()):
     """Everything --resume needs, as plain dicts, tensors and numbers (so weights_only=True loads
-    it). Written to a temporary file and renamed: a crash mid-write never leaves a broken file."""
+    it), written atomically."""
     checkpoint = {
         "model": model.state_dict(),
         "config": asdict(model.config),
@@ -146,10 +146,14 @@ def save_checkpoint(path, model, optimizer, alpha, epoch, step, args, curriculum
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "args": vars(args),
     }
+    atomic_save(checkpoint, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def newest_checkpoint(checkpoint_dir):
@@ -220,10 +224,7 @@ def plot_sampling_resampling(sampled_indices, complementary_indices, hidden_dim,
     ax.set_title(f"One draw: hidden_dim = {hidden_dim}, alpha = |I| = {len(sampled)}, |Ī| = {len(complementary)}")
     ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colors, names)],
               loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=5, frameon=False)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def plot_history(histories, path):
@@ -241,8 +242,10 @@ def plot_history(histories, path):
         loss_ax.plot(epochs, [h["train_rec"] for h in history], label=f"{name}: train BCE", **dots)
         loss_ax.plot(epochs, [h["test_loss"] for h in history], linestyle="--", label=f"{name}: test BCE + KL", **dots)
         kl_ax.plot(epochs, [h["train_kl"] for h in history], label=f"{name}: train KL", **dots)
-    weight_ax.plot(epochs, [h["kl_weight"] for h in history], color="grey", linestyle=":", marker="o",
-                   markersize=2.5, label="KL weight")
+    # every run shares the annealing schedule: its weight is drawn once, from the longest run
+    longest = max(histories.values(), key=len)
+    weight_ax.plot([h["epoch"] for h in longest], [h["kl_weight"] for h in longest], color="grey", linestyle=":",
+                   marker="o", markersize=2.5, label="KL weight")
     loss_ax.set(xlabel="epoch", ylabel="nats per image", title="Reconstruction and test loss")
     kl_ax.set(xlabel="epoch", ylabel="KL, nats per image", title="KL term (latent use)")
     weight_ax.set(ylabel="KL weight (logistic annealing)", ylim=(0, 1.05))
@@ -251,9 +254,15 @@ def plot_history(histories, path):
                  fontsize=8, loc="center right")
     for ax in (loss_ax, kl_ax):
         ax.grid(alpha=0.3)
+    save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig, path, **savefig_kwargs):
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, **savefig_kwargs)
     plt.close(fig)
 
 
@@ -346,10 +355,10 @@ def random_shift(images, pixels=2):
     return F.grid_sample(images.view(n, 1, 28, 28), grid, align_corners=False).view(n, -1)
 
 
-def load_or_train_classifier(path, train_images, train_labels, device, epochs=4, batch_size=128):
-    """The digit classifier cached at `path`, trained there on first use (about a minute on
-    2 CPU cores). It trains under its own seed, so whether it was cached does not change the
-    random draws of the metrics that follow."""
+def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
+    """The digit classifier cached at `path`, trained there on MNIST's training set on first use
+    (about a minute on 2 CPU cores). It trains under its own seed, so whether it was cached does
+    not change the random draws of the metrics that follow."""
     classifier = digit_classifier().to(device)
     if os.path.isfile(path):
         try:
@@ -358,6 +367,7 @@ def load_or_train_classifier(path, train_images, train_labels, device, epochs=4,
         except Exception as e:  # a broken cache is only a cache: train again
             print(f"retraining the digit classifier: cannot read {path} ({type(e).__name__})")
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
+    train_images, train_labels = load_mnist(data_root, train=True, device=device)
     with torch.random.fork_rng():  # the CPU's and the CUDA devices' generators
         torch.manual_seed(0)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
@@ -370,9 +380,7 @@ def load_or_train_classifier(path, train_images, train_labels, device, epochs=4,
                 loss.backward()
                 optimizer.step()
             scheduler.step()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(classifier.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save(classifier.state_dict(), path)
     return classifier.eval()
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torchvision import datasets, transforms  # noqa: E402
+from torchvision import transforms  # noqa: E402
 
 from model import MixAndMatchCVAE  # noqa: E402
 from sample import completion_grid  # noqa: E402
@@ -61,8 +61,8 @@ def tutorial_epoch(model, optimizer, loader, alpha, step, device):
 
 
 def tutorial_loader(data_root, batch_size):
-    mnist_dataset(data_root, train=True)  # our clear message if the files are missing
-    dataset = datasets.MNIST(data_root, train=True, transform=transforms.ToTensor())
+    dataset = mnist_dataset(data_root, train=True)  # torchvision's MNIST, with our message if missing
+    dataset.transform = transforms.ToTensor()
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
 
 
@@ -118,8 +118,9 @@ def main():
 
     times = {"ours": [], "tutorial": []}
     for epoch in range(args.epochs + 1):  # interleaved, so that machine noise hits both alike
-        t_ours = timed(device, train_epoch, ours, ours_optimizer, images, batch_size, alpha, epoch * 469)
-        t_tutorial = timed(device, tutorial_epoch, tutorial, tutorial_optimizer, loader, alpha, epoch * 469, device)
+        step = epoch * len(loader)  # the KL weight's step, as in a real run
+        t_ours = timed(device, train_epoch, ours, ours_optimizer, images, batch_size, alpha, step)
+        t_tutorial = timed(device, tutorial_epoch, tutorial, tutorial_optimizer, loader, alpha, step, device)
         if epoch > 0:  # epoch 0 warms up
             times["ours"].append(t_ours)
             times["tutorial"].append(t_tutorial)
