@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence as torch_kl
 
 from model import MixAndMatchCVAE, ModelConfig
-from utils import (join_image, kl_anneal_function, kl_divergence, load_checkpoint, positive_float,
+from utils import (BinaryCrossEntropySum, join_image, kl_anneal_function, kl_divergence, load_checkpoint, positive_float,
                    positive_int, save_checkpoint, split_image)
 
 
@@ -31,6 +32,22 @@ def test_kl_divergence_matches_torch_distributions():
     mu, logvar = torch.randn(8, 32), torch.randn(8, 32)
     expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(1)  # per image
     assert torch.allclose(kl_divergence(mu, logvar), expected, rtol=1e-5)
+
+
+def test_fast_bce_is_torch_bce_with_torch_gradients():
+    # large logits saturate the sigmoid to exactly 0 and 1, where both clamp log at -100
+    logits = (30 * torch.randn(64, 500)).requires_grad_()
+    target = torch.rand(64, 500)
+    target[target < 0.3], target[target > 0.7] = 0, 1  # MNIST has both exact 0 and exact 1 pixels
+    probabilities = torch.sigmoid(logits)
+    assert (probabilities == 0).any() and (probabilities == 1).any()
+    losses, gradients = [], []
+    for bce in [BinaryCrossEntropySum.apply, lambda p, t: F.binary_cross_entropy(p, t, reduction="sum")]:
+        loss = bce(torch.sigmoid(logits), target)
+        losses.append(loss)
+        gradients.append(torch.autograd.grad(loss, logits)[0])
+    assert torch.allclose(losses[0], losses[1], rtol=1e-6)
+    assert torch.equal(gradients[0], gradients[1])  # so training is bit-identical
 
 
 def test_split_and_join_are_inverse_at_pixel_500():
