@@ -4,7 +4,7 @@ and recipe, timed side by side in one process.
 
 The reference loop is the tutorial's: torchvision MNIST through transforms.ToTensor and
 DataLoader(batch_size=128, shuffle=True, num_workers=0), images reshaped per batch, Resampling
-built from a zeros tensor and two indexed assignments, and torch's default Adam. Both loops see
+built from a zeros tensor and two indexed assignments, torch's BCE and torch's default Adam. Both loops see
 the same batches and Sampling draws for a seed (tests/test_speed_path.py checks they agree).
 
     python3 tests/bench_train.py --data-root ../shared/data
@@ -19,13 +19,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from model import MixAndMatchCVAE  # noqa: E402
 from sample import completion_grid  # noqa: E402
 from train import anneal_weight, train_epoch  # noqa: E402
-from utils import get_device, load_mnist, loss_terms, mnist_dataset, split_image  # noqa: E402
+from utils import get_device, kl_divergence, load_mnist, mnist_dataset, split_image  # noqa: E402
 
 
 class TutorialModel(MixAndMatchCVAE):
@@ -49,7 +50,8 @@ def tutorial_epoch(model, optimizer, loader, alpha, step, device):
     for images, _ in loader:
         data, condition = split_image(images.view(images.shape[0], -1).to(device))
         reconstruction, mu, logvar = model(data, condition, alpha)
-        bce, kl = loss_terms(reconstruction, data, mu, logvar)
+        bce = F.binary_cross_entropy(reconstruction, data, reduction="sum")  # torch's BCE, as the tutorial
+        kl = kl_divergence(mu, logvar).sum()
         loss = bce + anneal_weight(step) * kl
         optimizer.zero_grad()
         loss.backward()
@@ -67,10 +69,21 @@ def tutorial_loader(data_root, batch_size):
 
 
 def training_flops_per_image(model):
-    """Forward FLOPs of the Linear layers (2 per multiply-add; the condition is encoded once),
-    times 3 for forward + backward, the usual count."""
-    forward = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return 3 * forward
+    """FLOPs of the Linear layers for one training image (2 per multiply-add; the condition is
+    encoded once): forward, weight gradient and input gradient, except that the first layer of
+    each encoder needs no input gradient (its input is pixels)."""
+    first_layers = {model.data_encoder[0], model.condition_encoder[0]}
+    return sum((2 if m in first_layers else 3) * 2 * m.in_features * m.out_features
+               for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def framework_seconds_per_step(device, images, alpha, steps=200):
+    """train_epoch at batch 2, per step: the arithmetic is next to nothing, so this is the
+    framework's time per step (Python, dispatch, autograd, Adam), which batch 128 pays too."""
+    model = MixAndMatchCVAE().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    train_epoch(model, optimizer, images[:2 * steps], 2, alpha, 0)  # warm-up
+    return timed(device, train_epoch, model, optimizer, images[:2 * steps], 2, alpha, 0) / steps
 
 
 def matmul_gflops(device, n=2048, repeats=10):
@@ -132,6 +145,9 @@ def main():
 
     peak = matmul_gflops(device)
     model_gflops = training_flops_per_image(ours) * len(images) / ours_s / 1e9
+    # a floor for eager PyTorch at this batch size: framework time plus the matmuls at full speed
+    framework_s = len(loader) * framework_seconds_per_step(device, images, alpha)
+    matmul_s = training_flops_per_image(ours) * len(images) / (peak * 1e9)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     threads = torch.get_num_threads()
     print(f"device {device}, {os.cpu_count()} CPU cores, {threads} torch threads, torch {torch.__version__}")
@@ -143,6 +159,9 @@ def main():
     print(f"model: {training_flops_per_image(ours) / 1e6:.2f} MFLOP per image (train), "
           f"{model_gflops:.1f} GFLOP/s achieved = {100 * model_gflops / peak:.0f}% of "
           f"{peak:.0f} GFLOP/s measured on a 2048 x 2048 matmul")
+    print(f"eager floor: {framework_s:.2f} s framework time ({len(loader)} steps as timed at batch 2) + "
+          f"{matmul_s:.2f} s of matmul at the measured peak = {framework_s + matmul_s:.2f} s/epoch, "
+          f"so at most {tutorial_s / (framework_s + matmul_s):.2f}x")
     print(f"sample.py grid (20 x 18 completions): {1000 * sample_s:.1f} ms")
     print(f"peak RSS of this process (both pipelines): {rss_mib:.0f} MiB")
 
