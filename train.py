@@ -123,7 +123,7 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     # DataLoader over the images, so a seed gives the tutorial's batches; the images themselves
     # are sliced from one tensor
     for indices in DataLoader(range(len(images)), batch_size=batch_size, shuffle=True):
-        data, condition = split_image(images.index_select(0, indices))  # one copy per row
+        data, condition = split_image(images.index_select(0, indices))  # faster than images[indices]
         reconstruction, mu, logvar = model(data, condition, alpha, curriculum_stage)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
         loss = bce + anneal_weight(step) * kl  # the KL weight is annealed per step, not per epoch

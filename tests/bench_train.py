@@ -4,8 +4,9 @@ and recipe, timed side by side in one process.
 
 The reference loop is the tutorial's: torchvision MNIST through transforms.ToTensor and
 DataLoader(batch_size=128, shuffle=True, num_workers=0), images reshaped per batch, Resampling
-built from a zeros tensor and two indexed assignments, torch's BCE and torch's default Adam. Both loops see
-the same batches and Sampling draws for a seed (tests/test_speed_path.py checks they agree).
+built from a zeros tensor and two indexed assignments, torch's BCE and torch's default Adam.
+Both loops see the same batches and Sampling draws for a seed (tests/test_speed_path.py checks
+they agree).
 
     python3 tests/bench_train.py --data-root ../shared/data
 """

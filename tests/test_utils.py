@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence as torch_kl
 
 from model import MixAndMatchCVAE, ModelConfig
-from utils import (BinaryCrossEntropySum, join_image, kl_anneal_function, kl_divergence, load_checkpoint, positive_float,
-                   positive_int, save_checkpoint, split_image)
+from utils import (BinaryCrossEntropySum, join_image, kl_anneal_function, kl_divergence, load_checkpoint,
+                   positive_float, positive_int, save_checkpoint, split_image)
 
 
 def test_logistic_annealing_values():
