@@ -145,10 +145,11 @@ def main():
     sample_s = statistics.median(timed(device, completion_grid, ours, test_images[:20], alpha, 18) for _ in range(5))
 
     peak = matmul_gflops(device)
-    model_gflops = training_flops_per_image(ours) * len(images) / ours_s / 1e9
+    flops = training_flops_per_image(ours)
+    model_gflops = flops * len(images) / ours_s / 1e9
     # a floor for eager PyTorch at this batch size: framework time plus the matmuls at full speed
     framework_s = len(loader) * framework_seconds_per_step(device, images, alpha)
-    matmul_s = training_flops_per_image(ours) * len(images) / (peak * 1e9)
+    matmul_s = flops * len(images) / (peak * 1e9)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     threads = torch.get_num_threads()
     print(f"device {device}, {os.cpu_count()} CPU cores, {threads} torch threads, torch {torch.__version__}")
@@ -157,7 +158,7 @@ def main():
     print(f"{'tutorial (DataLoader+ToTensor)':<32} {tutorial_s:8.2f} {len(images) / tutorial_s:9.0f}")
     print(f"{'ours (train.py)':<32} {ours_s:8.2f} {len(images) / ours_s:9.0f}")
     print(f"speed-up: {tutorial_s / ours_s:.2f}x")
-    print(f"model: {training_flops_per_image(ours) / 1e6:.2f} MFLOP per image (train), "
+    print(f"model: {flops / 1e6:.2f} MFLOP per image (train), "
           f"{model_gflops:.1f} GFLOP/s achieved = {100 * model_gflops / peak:.0f}% of "
           f"{peak:.0f} GFLOP/s measured on a 2048 x 2048 matmul")
     print(f"eager floor: {framework_s:.2f} s framework time ({len(loader)} steps as timed at batch 2) + "
