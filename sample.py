@@ -9,14 +9,14 @@ and its own Sampling of I.
 """
 import argparse
 import os
+import sys
 
 import torch
-from torchvision.utils import save_image
 
-from utils import (active_units, classifier_log_probs, classifier_scores, completion_distances, get_device,
-                   importance_weighted_nll, join_image, load_checkpoint, load_mnist, load_or_train_classifier,
-                   newest_checkpoint, plot_sampling_resampling, posterior_draws, positive_int, set_seed,
-                   split_image, to_grid_images)
+from utils import (active_units, check_output_file, classifier_log_probs, classifier_scores, completion_distances,
+                   figure_formats, get_device, image_formats, importance_weighted_nll, join_image, load_checkpoint,
+                   load_mnist, load_or_train_classifier, newest_checkpoint, plot_sampling_resampling,
+                   posterior_draws, positive_int, save_image_grid, set_seed, split_image, writable_dir)
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -31,7 +31,8 @@ def main():
     parser.add_argument("--n-samples", type=positive_int, default=18, help="completions per image (default: 18)")
     parser.add_argument("--alpha", type=int, help="Sampling size (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--figure", metavar="PATH",
                         help="also draw one Sampling and the two Resamplings it gives to PATH")
     parser.add_argument("--metrics", action="store_true",
@@ -40,7 +41,25 @@ def main():
     parser.add_argument("--n-importance", type=positive_int, default=100,
                         help="importance samples per image for the NLL of --metrics (default: 100)")
     args = parser.parse_args()
+    try:
+        run(parser, args)
+    except OSError as e:  # a full disk, say: atomic writes leave no half-written file
+        sys.exit(f"error: {e.filename}: {e.strerror}")
+    except KeyboardInterrupt:
+        print("interrupted: the files written so far are whole; nothing else was changed", file=sys.stderr)
+        sys.exit(130)
 
+
+def run(parser, args):
+    # outputs are checked before any work, so that a wrong path or extension costs nothing
+    check_output_file(args.out, "--out", image_formats())
+    if args.figure:
+        check_output_file(args.figure, "--figure", figure_formats())
+    classifier_path = os.path.join(CHECKPOINT_DIR, "digit_classifier.pth")
+    if args.metrics and not os.path.isfile(classifier_path):
+        writable_dir(CHECKPOINT_DIR, "the digit classifier's cache folder")
+    if args.metrics and args.n_samples < 2:
+        parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
     set_seed(args.seed)
     device = get_device(args.device)
     checkpoint_path = args.checkpoint or newest_checkpoint(CHECKPOINT_DIR)
@@ -54,12 +73,9 @@ def main():
     for flag, value in [("--n-images", args.n_images), ("--n-eval", args.n_eval if args.metrics else 0)]:
         if value > len(test_images):
             parser.error(f"{flag} must be at most {len(test_images)}, the test set's size")
-    if args.metrics and args.n_samples < 2:
-        parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
     images = test_images[:args.n_images]
     grid = completion_grid(model, images, alpha, args.n_samples)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    save_image(to_grid_images(grid.reshape(-1, grid.shape[-1])).cpu(), args.out, nrow=grid.shape[1])
+    save_image_grid(grid.flatten(0, 1), args.out, nrow=grid.shape[1])
     print(f"wrote {args.out}: {args.n_images} rows x {grid.shape[1]} columns (alpha {alpha})")
 
     if args.figure:
@@ -68,8 +84,7 @@ def main():
 
     if args.metrics:
         # one classifier for every checkpoint, so that their quality scores compare
-        classifier = load_or_train_classifier(os.path.join(CHECKPOINT_DIR, "digit_classifier.pth"),
-                                              args.data_root, device)
+        classifier = load_or_train_classifier(classifier_path, args.data_root, device)
         accuracy = (classifier_log_probs(classifier, test_images).argmax(1) == test_labels).float().mean().item()
         print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, alpha {alpha}; first {args.n_eval} "
               f"test images, K = {args.n_samples} completions, S = {args.n_importance} importance samples, "

@@ -5,98 +5,187 @@ BCE (sum) + KL * logistic-annealed weight, Adam lr 1e-4, batch 128, 50 epochs, a
     python3 train.py --data-root ./data
 """
 import argparse
-import json
+import math
 import os
+import shlex
+import signal
+import sys
 import time
 
 import torch
 from torch.utils.data import DataLoader
-from torchvision.utils import save_image
 
 from model import CONDITIONINGS, MixAndMatchCVAE, ModelConfig
 from utils import (get_device, join_image, kl_anneal_function, load_checkpoint, load_mnist, loss_terms,
-                   plot_history, positive_float, positive_int, save_checkpoint, set_seed, split_image,
-                   to_grid_images)
+                   plot_history, positive_float, positive_int, save_checkpoint, save_image_grid, save_json,
+                   set_seed, signals_deferred, split_image, writable_dir)
 
 # KL annealing (tutorial): the KL weight follows a logistic ramp over training steps,
 # 0.007 at step 0, 0.5 at step 2500 (epoch ~5.3 with batch 128), ~1 from step 5000 on
 ANNEAL_FUNCTION, ANNEAL_K, ANNEAL_X0 = "logistic", 0.002, 2500
+# the tutorial's values of the flags that --resume takes from the checkpoint when they are not given
+TUTORIAL = {"alpha": 64, "hidden_dim": ModelConfig.hidden_dim, "latent_dim": ModelConfig.latent_dim,
+            "conditioning": ModelConfig.conditioning, "curriculum_step": 0, "lr": 1e-4, "batch_size": 128}
+MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "curriculum_step")  # fixed by a checkpoint
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=positive_int, default=50, help="train until this epoch (default: 50)")
-    parser.add_argument("--batch-size", type=positive_int, default=128, help="(default: 128)")
-    parser.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: 1e-4)")
-    parser.add_argument("--alpha", type=int, default=64,
-                        help="Sampling: how many of the hidden_dim indices form I (default: 64)")
-    parser.add_argument("--hidden-dim", type=positive_int, default=128, help="(default: 128)")
-    parser.add_argument("--latent-dim", type=positive_int, default=32, help="(default: 32)")
-    parser.add_argument("--conditioning", choices=CONDITIONINGS, default="mix-and-match",
+    parser.add_argument("--batch-size", type=positive_int, help="at least 2, for BatchNorm (default: 128)")
+    parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default: 1e-4)")
+    parser.add_argument("--alpha", type=int, help="Sampling: how many of the hidden_dim indices form I (default: 64)")
+    parser.add_argument("--hidden-dim", type=positive_int, help="(default: 128)")
+    parser.add_argument("--latent-dim", type=positive_int, help="(default: 32)")
+    parser.add_argument("--conditioning", choices=CONDITIONINGS,
                         help="mix-and-match: a random I per pass; fixed: I = the first alpha indices, "
                              "the paper's deterministic baseline (default: mix-and-match)")
-    parser.add_argument("--curriculum-step", type=int, default=0, metavar="N",
+    parser.add_argument("--curriculum-step", type=int, metavar="N",
                         help="curriculum of perturbation (paper, section 3.3): stage floor(e / N) at "
                              "epoch e (from 0); 0 = off, the tutorial (default: 0)")
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     parser.add_argument("--checkpoint-dir", default="checkpoint", help="(default: checkpoint)")
     parser.add_argument("--results-dir", default="results", help="(default: results)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--resume", metavar="PATH",
-                        help="continue a run exactly from its checkpoint (sizes, alpha, conditioning "
-                             "and curriculum come from it)")
+                        help="continue a run exactly from its checkpoint: the model flags (--alpha, sizes, "
+                             "--conditioning, --curriculum-step), and --lr and --batch-size unless given, "
+                             "come from it")
     args = parser.parse_args()
+
+    # everything a user can get wrong is checked here, before data is loaded or an epoch trained
+    set_seed(args.seed)
+    device = get_device(args.device)
+    model, checkpoint = load_resumable(args.resume, device) if args.resume else (None, None)
+    resolve_run_flags(args, checkpoint)
     if not 0 <= args.alpha <= args.hidden_dim:
         parser.error(f"--alpha must be in 0..{args.hidden_dim} (--hidden-dim), got {args.alpha}")
     if args.curriculum_step < 0 or (args.curriculum_step and args.conditioning == "fixed"):
         parser.error("--curriculum-step must be >= 0, and 0 with --conditioning fixed")
+    if args.batch_size < 2:
+        parser.error("--batch-size must be at least 2: BatchNorm cannot normalise a batch of one image")
+    if checkpoint and checkpoint["epoch"] >= args.epochs:
+        raise SystemExit(f"error: {args.resume} is already at epoch {checkpoint['epoch']}, and --epochs is "
+                         f"{args.epochs}: nothing left to train. Pass --epochs with a larger number.")
+    writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    writable_dir(args.results_dir, "--results-dir")
+    # SIGTERM (a cluster's scheduler, `kill`) stops training like Ctrl-C: between whole files
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
-    set_seed(args.seed)
-    device = get_device(args.device)
-    train_images, _ = load_mnist(args.data_root, train=True, device=device)
-    test_images, _ = load_mnist(args.data_root, train=False, device=device)
+    epoch, last_checkpoint = None, args.resume  # for the messages below
+    try:
+        train_images, _ = load_mnist(args.data_root, train=True, device=device)
+        test_images, _ = load_mnist(args.data_root, train=False, device=device)
+        if checkpoint:
+            start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
+        else:
+            config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, conditioning=args.conditioning)
+            model, start_epoch, step, history = MixAndMatchCVAE(config).to(device), 1, 0, []
+        # fused: one kernel updates all parameters; the default per-parameter loop costs more than
+        # this small model's arithmetic on a CPU (tests/bench_train.py)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+        if checkpoint:
+            restore_training_state(checkpoint, optimizer, args.lr, device)
+            print(f"resuming {args.resume} after epoch {checkpoint['epoch']} (step {step})")
+        if len(train_images) % args.batch_size == 1:
+            print(f"note: {len(train_images)} training images leave a last batch of one image, which BatchNorm "
+                  f"cannot train on; it is skipped each epoch")
 
-    if args.resume:
-        model, checkpoint = load_checkpoint(args.resume, device)
-        if "optimizer" not in checkpoint:
-            raise SystemExit(f"error: {args.resume!r} holds model weights only (no optimizer state); "
-                             f"--resume needs a checkpoint written by train.py")
-        alpha, start_epoch, step = checkpoint["alpha"], checkpoint["epoch"] + 1, checkpoint["step"]
-        curriculum_step, history = checkpoint["curriculum_step"], checkpoint["history"]
-    else:
-        config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, conditioning=args.conditioning)
-        model = MixAndMatchCVAE(config).to(device)
-        alpha, start_epoch, step, curriculum_step, history = args.alpha, 1, 0, args.curriculum_step, []
-    # fused: one kernel updates all parameters; the default per-parameter loop costs more than
-    # this small model's arithmetic on a CPU (tests/bench_train.py)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-    if args.resume:
-        restore_training_state(checkpoint, optimizer)
-        print(f"resuming {args.resume} after epoch {start_epoch - 1} (step {step}), alpha {alpha}")
+        save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
+        print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, alpha {args.alpha}, "
+              f"{args.conditioning} conditioning, curriculum step {args.curriculum_step or 'off'}")
+        for epoch in range(start_epoch, args.epochs + 1):
+            t0 = time.time()
+            stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
+            rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage)
+            test_loss = evaluate(model, test_images, args.alpha)  # with the Sampling used at test time
+            if not all(map(math.isfinite, (rec, kl, test_loss))) or not is_finite(model):
+                stop(1, f"error: training diverged in epoch {epoch} (train BCE {rec:.4g}, KL {kl:.4g}, test loss "
+                        f"{test_loss:.4g}); no checkpoint was written for it. "
+                        + how_to_continue(parser, args, last_checkpoint, diverged=True))
+            record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
+                      "test_loss": test_loss, "curriculum_stage": stage, "seconds": time.time() - t0}
+            history.append(record)
+            with signals_deferred():  # Ctrl-C waits for this epoch's files, so that the message can name them
+                save_reconstructions(model, test_images[:100], args.alpha,
+                                     os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
+                path = os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth")
+                save_checkpoint(path, model, optimizer, args.alpha, epoch, step, args,
+                                curriculum_step=args.curriculum_step, history=history)
+                last_checkpoint = path
+                save_json(history, os.path.join(args.results_dir, "history.json"))
+                plot_history({args.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
+            print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
+                  f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
+                  + ("" if stage is None else f" | curriculum stage {stage}"), flush=True)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through raise_keyboard_interrupt
+        signum = e.args[0] if e.args else signal.SIGINT
+        where = "before training started" if epoch is None else f"in epoch {epoch}"
+        stop(128 + signum, f"interrupted ({signal.Signals(signum).name}) {where}. "
+                           f"{how_to_continue(parser, args, last_checkpoint)}")
+    except OSError as e:  # a full disk, or a folder removed while training; atomic writes leave no half file
+        stop(1, f"error: {e.filename}: {e.strerror}. {how_to_continue(parser, args, last_checkpoint)}")
 
-    os.makedirs(args.results_dir, exist_ok=True)
-    with open(os.path.join(args.results_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, alpha {alpha}, "
-          f"{model.config.conditioning} conditioning, curriculum step {curriculum_step or 'off'}")
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        stage = curriculum_stage(epoch, curriculum_step, alpha, model.config.hidden_dim)
-        rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, alpha, step, stage)
-        test_loss = evaluate(model, test_images, alpha)  # with the Sampling used at test time
-        record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
-                  "test_loss": test_loss, "curriculum_stage": stage, "seconds": time.time() - t0}
-        history.append(record)
-        save_reconstructions(model, test_images[:100], alpha, os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
-        save_checkpoint(os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth"), model, optimizer,
-                        alpha, epoch, step, args, curriculum_step=curriculum_step, history=history)
-        with open(os.path.join(args.results_dir, "history.json"), "w") as f:
-            json.dump(history, f, indent=1)
-        plot_history({model.config.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
-        print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
-              f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
-              + ("" if stage is None else f" | curriculum stage {stage}"), flush=True)
+
+def load_resumable(path, device):
+    """(model, checkpoint) to resume from; a file of weights only (the tutorial's) cannot be."""
+    model, checkpoint = load_checkpoint(path, device)
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"error: {path!r} holds model weights only (no optimizer state); "
+                         f"--resume needs a checkpoint written by train.py")
+    return model, checkpoint
+
+
+def resolve_run_flags(args, checkpoint):
+    """Fill the flags left out: from the checkpoint on --resume, else the tutorial's values. A
+    model flag given on the command line must agree with the checkpoint, which fixes the model;
+    --lr and --batch-size may change."""
+    saved = {}
+    if checkpoint:
+        saved = {**checkpoint["config"], "alpha": checkpoint["alpha"], "curriculum_step": checkpoint["curriculum_step"],
+                 **{name: checkpoint["args"][name] for name in ("lr", "batch_size") if name in checkpoint["args"]}}
+    contradictions = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has {saved[name]})"
+                      for name in MODEL_FLAGS if checkpoint and getattr(args, name) not in (None, saved[name])]
+    if contradictions:
+        raise SystemExit(f"error: {', '.join(contradictions)}: a resumed run keeps its checkpoint's model. "
+                         f"Leave these flags out, or start a new run without --resume.")
+    for name, default in TUTORIAL.items():
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, default))
+
+
+def how_to_continue(parser, args, last_checkpoint, diverged=False):
+    """The last complete checkpoint of this run and the command that continues from it (with a
+    tenth of the learning rate after a divergence)."""
+    lower_lr = ["--lr", f"{args.lr / 10:g}"] if diverged else []
+    if last_checkpoint is None:
+        return ("No checkpoint of this run is on disk yet; start it again"
+                + (f" with a lower learning rate, e.g. {shlex.join(lower_lr)}." if diverged else "."))
+    words = ["python3", "train.py", "--resume", last_checkpoint]
+    for name in ("epochs", "data_root", "checkpoint_dir", "results_dir", "device"):  # not kept in a checkpoint
+        if getattr(args, name) != parser.get_default(name):
+            words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if diverged:
+        return (f"The last good checkpoint is {last_checkpoint}; continue from it with a lower learning "
+                f"rate: {shlex.join(words + lower_lr)}")
+    return f"The last complete checkpoint is {last_checkpoint}; continue with: {shlex.join(words)}"
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def stop(code, message):
+    """End the run with one message on stderr and the exit code (130 after Ctrl-C, as shells use)."""
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def is_finite(model):
+    """Every weight and BatchNorm statistic finite (one synchronisation per epoch)."""
+    return bool(torch.stack([t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()]).all())
 
 
 def anneal_weight(step):
@@ -116,14 +205,19 @@ def curriculum_stage(epoch, curriculum_step, alpha, hidden_dim):
 
 def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_stage=None):
     """One pass over the training images in shuffled batches of batch_size, the last partial one
-    kept; returns (BCE per image, KL per image, step)."""
+    kept unless it holds a single image (BatchNorm cannot train on it); returns (BCE per image,
+    KL per image, step)."""
     model.train()
     rec_sum = kl_sum = 0.0
+    trained = 0
     # a DataLoader over the indices shuffles with the same generator draws as the tutorial's
     # DataLoader over the images, so a seed gives the tutorial's batches; the images themselves
     # are sliced from one tensor
     for indices in DataLoader(range(len(images)), batch_size=batch_size, shuffle=True):
-        data, condition = split_image(images.index_select(0, indices))  # faster than images[indices]
+        if len(indices) == 1:  # only a last batch can be this small: main() has said it is skipped
+            continue
+        # the DataLoader makes its indices on the CPU; CUDA's index_select needs them on the images' device
+        data, condition = split_image(images.index_select(0, indices.to(images.device)))  # faster than images[indices]
         reconstruction, mu, logvar = model(data, condition, alpha, curriculum_stage)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
         loss = bce + anneal_weight(step) * kl  # the KL weight is annealed per step, not per epoch
@@ -133,7 +227,8 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
         step += 1
         rec_sum += bce.detach()  # kept on the device: no synchronisation per step
         kl_sum += kl.detach()
-    return rec_sum.item() / len(images), kl_sum.item() / len(images), step
+        trained += len(indices)
+    return rec_sum.item() / trained, kl_sum.item() / trained, step
 
 
 @torch.no_grad()
@@ -155,15 +250,24 @@ def save_reconstructions(model, images, alpha, path):
     model.eval()
     data, condition = split_image(images)
     reconstruction = model(data, condition, alpha)[0]
-    save_image(to_grid_images(join_image(reconstruction, condition)).cpu(), path, nrow=10)
+    save_image_grid(join_image(reconstruction, condition), path, nrow=10)
 
 
-def restore_training_state(checkpoint, optimizer):
-    """Optimizer and RNG state, so that a resumed run draws what the uninterrupted one would."""
+def restore_training_state(checkpoint, optimizer, lr, device):
+    """Optimizer and RNG state, so that a resumed run draws what the uninterrupted one would.
+    The CPU generator (shuffling; Sampling and z on a CPU) is always restored; the CUDA ones
+    (Sampling and z on a GPU) only where the machine has as many GPUs as the one that wrote it."""
     optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-    if torch.cuda.is_available() and len(checkpoint["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([state.cpu() for state in checkpoint["rng"]["cuda"]])
+    for group in optimizer.param_groups:
+        group["lr"] = lr  # the checkpoint's unless --lr was given (resolve_run_flags)
+    torch.set_rng_state(checkpoint["rng"]["torch"].cpu())  # it was loaded onto `device`; the CPU's lives on the CPU
+    cuda_states, gpus = checkpoint["rng"]["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_states and len(cuda_states) == gpus:
+        torch.cuda.set_rng_state_all([state.cpu() for state in cuda_states])
+    elif cuda_states or device.type == "cuda":
+        differ = ", so this run's draws on the GPU differ from an uninterrupted run's" if device.type == "cuda" else ""
+        print(f"note: the checkpoint holds CUDA generator states for {len(cuda_states)} GPU(s) and this machine "
+              f"has {gpus}: the CPU generator's state is restored, the CUDA generators' are not{differ}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,17 @@ Pieces shared by train.py and sample.py: the loss and its KL annealing, MNIST an
 split, device and seed, checkpoints, figures, and the evaluation metrics of sample.py --metrics.
 """
 import argparse
+import contextlib
 import glob
+import io
+import json
 import math
 import os
 import random
+import signal
+import struct
+import tempfile
+import threading
 from dataclasses import asdict
 
 import numpy as np
@@ -69,22 +76,51 @@ def loss_terms(reconstruction, data, mu, logvar):
 # ----------------------------------------------------------------------------- data
 
 def mnist_dataset(root, train):
-    """torchvision's MNIST, downloaded when missing and online; offline, a message that says
-    where the four raw files go."""
+    """torchvision's MNIST, downloaded when missing and online. A raw file that is there but
+    broken is named as such (torchvision reports it as missing); offline, a message says where
+    the four raw files go."""
     from torchvision import datasets  # imported here so that model.py users need no torchvision
 
+    raw = os.path.join(root, "MNIST", "raw")
+    check_idx_files(raw)
     try:
         return datasets.MNIST(root, train=train, download=False)
-    except RuntimeError:
+    except RuntimeError:  # some raw file is missing, or there only as .gz: extract or download it
         pass
     try:
         return datasets.MNIST(root, train=train, download=True)
-    except Exception as e:  # any network failure: we only need to tell the user what to do
-        raw = os.path.join(root, "MNIST", "raw")
+    except Exception as e:  # any network or extraction failure: we only need to tell the user what to do
+        check_idx_files(raw)  # a .gz extracted just now may be the broken file
+        missing = [name for name in MNIST_FILES if not any(os.path.isfile(os.path.join(raw, name + ext))
+                                                           for ext in ("", ".gz"))]
+        if not missing:
+            raise SystemExit(f"error: cannot read MNIST under {raw} ({type(e).__name__}: {e}). "
+                             f"Replace the four raw files with intact copies.")
         raise SystemExit(
-            f"error: MNIST is not under {raw} and could not be downloaded ({type(e).__name__}).\n"
+            f"error: MNIST is not under {raw} and could not be downloaded ({type(e).__name__}); "
+            f"missing: {', '.join(missing)}.\n"
             f"Put the four raw files there ({', '.join(MNIST_FILES)}; .gz also works), "
             f"or pass --data-root to the folder that holds MNIST/raw/.")
+
+
+def check_idx_files(raw):
+    """Each raw MNIST file present in `raw` must be a whole IDX file of unsigned bytes: a header of
+    magic number and dimensions, then exactly their product of bytes (yann.lecun.com/exdb/mnist)."""
+    for name in MNIST_FILES:
+        path = os.path.join(raw, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            magic = f.read(4)
+            ndim = magic[3] if len(magic) == 4 and magic[:3] == b"\x00\x00\x08" else 0
+            dims = f.read(4 * ndim)
+        expected = 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", dims)) if len(dims) == 4 * ndim else None
+        size = os.path.getsize(path)
+        if not ndim or size != expected:
+            found = "no IDX header" if not ndim or expected is None else f"{size} bytes, its header says {expected}"
+            raise SystemExit(f"error: the MNIST file {path} is there but unreadable ({found}): it is "
+                             f"truncated or not an IDX file. Replace it with an intact copy (or delete "
+                             f"it, and it is downloaded again when online).")
 
 
 def load_mnist(root, train, device):
@@ -132,14 +168,68 @@ def positive_float(text):
 
 
 def get_device(name):
-    """'auto' picks CUDA when available; otherwise the named device ('cpu', 'cuda', 'cuda:1')."""
+    """'auto' picks CUDA when available; otherwise 'cpu', 'cuda' or 'cuda:N', checked here so that
+    a typo ends in one line before any work."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):  # torch's message lists every backend it was built with
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} asked for CUDA, which is not available here; "
                          f"use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def writable_dir(path, flag):
+    """Make the folder `path` if needed and check that a file can be created in it, before any
+    work: a wrong path should cost nothing, not the first trained epoch."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in the folder {path!r} ({e.strerror}); pass another {flag}")
+
+
+def check_output_file(path, flag, formats):
+    """An output file's extension must name one of `formats`, and its folder must be writable."""
+    root, extension = os.path.splitext(path)
+    if extension.lower().lstrip(".") not in formats:
+        common = [f for f in ("png", "jpg", "pdf", "svg") if f in formats]
+        problem = f"cannot write the format {extension!r}" if extension else "no extension to name its format"
+        raise SystemExit(f"error: {flag} {path!r}: {problem}; use e.g. {root}.png "
+                         f"({', '.join(common)} and {len(formats) - len(common)} more work)")
+    writable_dir(os.path.dirname(path) or ".", flag)
+
+
+def image_formats():
+    """Extensions torchvision's save_image (PIL) can write our RGB grids to: PIL's writers,
+    less those that need a plug-in or refuse RGB (tried on a 1-pixel image)."""
+    from PIL import Image
+
+    Image.init()
+    formats = set()
+    for extension, name in Image.registered_extensions().items():
+        try:
+            Image.new("RGB", (1, 1)).save(io.BytesIO(), format=name)
+            formats.add(extension.lstrip("."))
+        except Exception:  # no writer, a missing plug-in, or no RGB
+            pass
+    return formats
+
+
+def figure_formats():
+    """Extensions matplotlib's savefig writes (with the Agg backend)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 def set_seed(seed):
@@ -171,10 +261,52 @@ def save_checkpoint(path, model, optimizer, alpha, epoch, step, args, curriculum
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """write(f) into `path`.tmp, then rename it over `path`. Ctrl-C, a crash or a full disk
+    leaves the old file or the new one, both whole, and no .tmp; the OSError then names `path`.
+    Written through a Python file so that a full disk is an OSError (torch.save to a path reports
+    it as an opaque RuntimeError of its zip writer)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = path + ".tmp"
+    with signals_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave it empty
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            # torch.save's zip writer turns the OSError of a full disk into a RuntimeError of its own
+            # as it closes; the OSError is that exception's context
+            cause = next((x for x in (e, e.__context__) if isinstance(x, OSError)), None)
+            if cause is not None:
+                raise OSError(cause.errno, cause.strerror, path) from e
+            raise
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then deliver them. A KeyboardInterrupt
+    raised inside torch.save's writer would surface as a RuntimeError of its zip writer, after a
+    half-written file; held, it arrives once the files of the block are whole."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    received = []
+    handlers = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])  # now handled as usual: KeyboardInterrupt, say
 
 
 def newest_checkpoint(checkpoint_dir):
@@ -282,9 +414,22 @@ def save_figure(fig, path, **savefig_kwargs):
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, **savefig_kwargs)
+    extension = os.path.splitext(path)[1].lstrip(".")
+    atomic_write(path, lambda f: fig.savefig(f, format=extension, **savefig_kwargs))
     plt.close(fig)
+
+
+def save_image_grid(images, path, nrow):
+    """(B, 784) images as a grid of nrow per row, written atomically (torchvision's save_image)."""
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    pil_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # "jpg" -> "JPEG"
+    atomic_write(path, lambda f: save_image(to_grid_images(images).cpu(), f, nrow=nrow, format=pil_format))
+
+
+def save_json(obj, path, indent=1):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 # ----------------------------------------------------------------------------- evaluation (sample.py --metrics)
@@ -395,7 +540,7 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.6)
         classifier.train()
         for _ in range(epochs):
-            for indices in torch.randperm(len(train_images)).split(batch_size):
+            for indices in torch.randperm(len(train_images), device=device).split(batch_size):
                 loss = F.cross_entropy(classifier(random_shift(train_images[indices])), train_labels[indices])
                 optimizer.zero_grad()
                 loss.backward()
