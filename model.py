@@ -11,7 +11,7 @@ tutorial's, so its published state_dict loads with strict=True.
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 CONDITIONINGS = ("mix-and-match", "fixed")
 

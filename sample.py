@@ -13,10 +13,29 @@ import sys
 
 import torch
 
-from utils import (active_units, check_output_file, classifier_log_probs, classifier_scores, completion_distances,
-                   figure_formats, get_device, image_formats, importance_weighted_nll, join_image, load_checkpoint,
-                   load_mnist, load_or_train_classifier, newest_checkpoint, plot_sampling_resampling,
-                   posterior_draws, positive_int, save_image_grid, set_seed, split_image, writable_dir)
+from utils import (
+    active_units,
+    check_output_file,
+    classifier_log_probs,
+    classifier_scores,
+    completion_distances,
+    figure_formats,
+    get_device,
+    image_formats,
+    importance_weighted_nll,
+    join_image,
+    load_checkpoint,
+    load_mnist,
+    load_or_train_classifier,
+    newest_checkpoint,
+    plot_sampling_resampling,
+    positive_int,
+    posterior_draws,
+    save_image_grid,
+    set_seed,
+    split_image,
+    writable_dir,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -116,7 +135,8 @@ def print_metrics(model, classifier, images, alpha, n_samples, n_importance):
     log_w, bce, kl, means = posterior_draws(model, data, condition, alpha, n_importance)
     completed = complete(model, condition, alpha, n_samples)  # (N, K, 784)
     diversity, best_error, mean_error = completion_distances(split_image(completed)[0], data)
-    scores = classifier_scores(classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2]))
+    log_probs = classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2])
+    scores = classifier_scores(log_probs)  # over the K completions of each image
     truth = classifier_scores(classifier_log_probs(classifier, images)[:, None])  # K = 1: the real top
     rows = [
         ("reconstruction BCE, 500 pixels (nats)", bce.mean(), None),

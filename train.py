@@ -16,9 +16,24 @@ import torch
 from torch.utils.data import DataLoader
 
 from model import CONDITIONINGS, MixAndMatchCVAE, ModelConfig
-from utils import (get_device, join_image, kl_anneal_function, load_checkpoint, load_mnist, loss_terms,
-                   plot_history, positive_float, positive_int, save_checkpoint, save_image_grid, save_json,
-                   set_seed, signals_deferred, split_image, writable_dir)
+from utils import (
+    get_device,
+    join_image,
+    kl_anneal_function,
+    load_checkpoint,
+    load_mnist,
+    loss_terms,
+    plot_history,
+    positive_float,
+    positive_int,
+    save_checkpoint,
+    save_image_grid,
+    save_json,
+    set_seed,
+    signals_deferred,
+    split_image,
+    writable_dir,
+)
 
 # KL annealing (tutorial): the KL weight follows a logistic ramp over training steps,
 # 0.007 at step 0, 0.5 at step 2500 (epoch ~5.3 with batch 128), ~1 from step 5000 on
@@ -27,6 +42,9 @@ ANNEAL_FUNCTION, ANNEAL_K, ANNEAL_X0 = "logistic", 0.002, 2500
 TUTORIAL = {"alpha": 64, "hidden_dim": ModelConfig.hidden_dim, "latent_dim": ModelConfig.latent_dim,
             "conditioning": ModelConfig.conditioning, "curriculum_step": 0, "lr": 1e-4, "batch_size": 128}
 MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "curriculum_step")  # fixed by a checkpoint
+# results/curves.png is redrawn once this many seconds have passed since its last drawing, and after
+# the last epoch: a drawing takes about 0.2 s, an eighth of a CPU epoch (tests/bench_train.py)
+CURVES_EVERY_S = 30
 
 
 def main():
@@ -96,6 +114,7 @@ def main():
         save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
         print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, alpha {args.alpha}, "
               f"{args.conditioning} conditioning, curriculum step {args.curriculum_step or 'off'}")
+        curves_drawn = time.time()
         for epoch in range(start_epoch, args.epochs + 1):
             t0 = time.time()
             stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
@@ -116,7 +135,9 @@ def main():
                                 curriculum_step=args.curriculum_step, history=history)
                 last_checkpoint = path
                 save_json(history, os.path.join(args.results_dir, "history.json"))
-                plot_history({args.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
+                if epoch == args.epochs or time.time() - curves_drawn >= CURVES_EVERY_S:
+                    plot_history({args.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
+                    curves_drawn = time.time()
             print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
                   f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
                   + ("" if stage is None else f" | curriculum stage {stage}"), flush=True)
@@ -231,7 +252,7 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     return rec_sum.item() / trained, kl_sum.item() / trained, step
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as no_grad, a little cheaper: the same values and draws
 def evaluate(model, images, alpha, batch_size=1000):
     """Test loss per image: BCE + KL, the negative ELBO (unweighted, so that epochs compare)."""
     model.eval()
@@ -244,7 +265,7 @@ def evaluate(model, images, alpha, batch_size=1000):
     return total / len(images)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def save_reconstructions(model, images, alpha, path):
     """The images (100 test images), 10 per row: reconstructed top on the real bottom."""
     model.eval()

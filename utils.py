@@ -18,8 +18,8 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from model import MixAndMatchCVAE, ModelConfig
 
@@ -83,13 +83,11 @@ def mnist_dataset(root, train):
 
     raw = os.path.join(root, "MNIST", "raw")
     check_idx_files(raw)
-    try:
+    with contextlib.suppress(RuntimeError):  # a raw file missing, or there only as .gz: extract or download it
         return datasets.MNIST(root, train=train, download=False)
-    except RuntimeError:  # some raw file is missing, or there only as .gz: extract or download it
-        pass
     try:
         return datasets.MNIST(root, train=train, download=True)
-    except Exception as e:  # any network or extraction failure: we only need to tell the user what to do
+    except Exception as e:  # noqa: BLE001 (any network or extraction failure: the user needs to know what to do)
         check_idx_files(raw)  # a .gz extracted just now may be the broken file
         missing = [name for name in MNIST_FILES if not any(os.path.isfile(os.path.join(raw, name + ext))
                                                            for ext in ("", ".gz"))]
@@ -210,18 +208,16 @@ def check_output_file(path, flag, formats):
 
 
 def image_formats():
-    """Extensions torchvision's save_image (PIL) can write our RGB grids to: PIL's writers,
-    less those that need a plug-in or refuse RGB (tried on a 1-pixel image)."""
+    """Extensions PIL can write our grayscale grids to: its writers, less those that need a
+    plug-in or refuse 8-bit grayscale (tried on a 1-pixel image)."""
     from PIL import Image
 
     Image.init()
     formats = set()
     for extension, name in Image.registered_extensions().items():
-        try:
-            Image.new("RGB", (1, 1)).save(io.BytesIO(), format=name)
+        with contextlib.suppress(KeyError, OSError, ValueError):  # no writer, a missing plug-in, or no "L"
+            Image.new("L", (1, 1)).save(io.BytesIO(), format=name)
             formats.add(extension.lstrip("."))
-        except Exception:  # no writer, a missing plug-in, or no RGB
-            pass
     return formats
 
 
@@ -324,7 +320,7 @@ def load_checkpoint(path, device):
         raise SystemExit(f"error: checkpoint {path!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
+    except Exception as e:  # noqa: BLE001 (truncated, not a torch file, or objects weights_only refuses)
         raise SystemExit(f"error: cannot read checkpoint {path!r}: it is truncated or not a "
                          f"checkpoint of this repository ({type(e).__name__}). "
                          f"Download it again or retrain with `python3 train.py`.")
@@ -387,11 +383,13 @@ def plot_history(histories, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    # fixed margins: tight_layout would measure every label on each drawing, a third of its time
+    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={
+        "left": 0.06, "right": 0.94, "bottom": 0.12, "top": 0.92, "wspace": 0.22})
     weight_ax = kl_ax.twinx()
     for (name, history), color in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         epochs = [h["epoch"] for h in history]
-        dots = dict(color=color, marker="o", markersize=2.5)  # visible from the first epoch on
+        dots = {"color": color, "marker": "o", "markersize": 2.5}  # visible from the first epoch on
         loss_ax.plot(epochs, [h["train_rec"] for h in history], label=f"{name}: train BCE", **dots)
         loss_ax.plot(epochs, [h["test_loss"] for h in history], linestyle="--", label=f"{name}: test BCE + KL", **dots)
         kl_ax.plot(epochs, [h["train_kl"] for h in history], label=f"{name}: train KL", **dots)
@@ -413,19 +411,24 @@ def plot_history(histories, path):
 def save_figure(fig, path, **savefig_kwargs):
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
     extension = os.path.splitext(path)[1].lstrip(".")
     atomic_write(path, lambda f: fig.savefig(f, format=extension, **savefig_kwargs))
     plt.close(fig)
 
 
 def save_image_grid(images, path, nrow):
-    """(B, 784) images as a grid of nrow per row, written atomically (torchvision's save_image)."""
+    """(B, 784) images as a grid of nrow per row, written atomically: torchvision's make_grid with
+    save_image's rounding, stored as 8-bit grayscale. save_image stores the grid's three identical
+    channels as RGB; one channel holds the same pixels in half the bytes, and a PNG encodes 3x faster."""
     from PIL import Image
-    from torchvision.utils import save_image
+    from torchvision.utils import make_grid
 
-    pil_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # "jpg" -> "JPEG"
-    atomic_write(path, lambda f: save_image(to_grid_images(images).cpu(), f, nrow=nrow, format=pil_format))
+    grid = make_grid(to_grid_images(images).cpu(), nrow=nrow)[0]  # (H, W): channel 0 of three copies
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
+    extension = os.path.splitext(path)[1].lower()
+    Image.preinit()  # PNG, JPEG, BMP, GIF, PPM; importing every plug-in for the rest takes 0.15 s
+    pil_format = Image.EXTENSION.get(extension) or Image.registered_extensions()[extension]  # ".jpg": "JPEG"
+    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format=pil_format))
 
 
 def save_json(obj, path, indent=1):
@@ -530,7 +533,7 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
         try:
             classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True))
             return classifier.eval()
-        except Exception as e:  # a broken cache is only a cache: train again
+        except Exception as e:  # noqa: BLE001 (a broken cache, whatever the breakage, is only a cache)
             print(f"retraining the digit classifier: cannot read {path} ({type(e).__name__})")
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
     train_images, train_labels = load_mnist(data_root, train=True, device=device)

@@ -1,6 +1,7 @@
 """
 Benchmark (not a test): our train.py training loop against the tutorial's pipeline, same model
-and recipe, timed side by side in one process.
+and recipe, timed side by side in one process; then train.py's own main() for a few epochs, to
+show what a whole run spends outside the training loop.
 
 The reference loop is the tutorial's: torchvision MNIST through transforms.ToTensor and
 DataLoader(batch_size=128, shuffle=True, num_workers=0), images reshaped per batch, Resampling
@@ -9,25 +10,53 @@ Both loops see the same batches and Sampling draws for a seed (tests/test_speed_
 they agree).
 
     python3 tests/bench_train.py --data-root ../shared/data
+
+Notes for whoever optimises this next (2 CPU cores; README, Speed, has the summary):
+- What each change bought, in one process, alternating epochs of four variants, median of four
+  rounds (a one-off script, machine loaded, ~1.65 s per epoch): the whole-tensor BCE forward 6%,
+  images.index_select instead of images[indices] 4.5%, both 8.6%. On a batch from the trained
+  model torch's BCE forward took 240 us and ours 88 us; torch's calls log1p one element at a
+  time on a CPU (343 us for 64,000 values, against 26 us for log).
+- Measured and dropped: torch.compile of forward and loss (with fallback_random, so that the
+  draws stay torch's) compiles for 14 s and saves ~0.4 ms a step, 0.2 s an epoch, so 50 epochs
+  never win it back; ReLU(inplace=True), zero_grad(set_to_none=False) and a single KL reduction
+  change nothing measurable; OMP_WAIT_POLICY=PASSIVE is 3.7x slower, one thread 1.5x slower.
+- Fused Adam gives the same per-step losses; weights differ from the default Adam's by at most
+  1.2e-7, except the biases of Linear layers that feed a BatchNorm (up to 9e-3): their gradient
+  is ~0, Adam's normalised step amplifies rounding, and BatchNorm subtracts them.
+- The "eager floor" line: a whole training step at batch 2 (no arithmetic to speak of: Python,
+  dispatch, autograd and Adam, which batch 128 pays too) times the steps of an epoch, plus the
+  model's matmul FLOPs at the speed of a 2048 x 2048 matmul. The FLOP count is exact for the
+  Linear layers (forward, weight and input gradients; the encoders' first layers take pixels and
+  need no input gradient): 1.52 MFLOP per image, where the usual 3 x forward would say 1.85.
+- Outside the loop, per epoch at a 1.67 s loop: evaluation 42 ms, the reconstruction grid 9 ms,
+  the checkpoint 8 ms, the curves 180 ms (hence train.py's CURVES_EVERY_S). Evaluation and the
+  grid draw Samplings and latents from the generator, so they stay every epoch: moving them would
+  change every seeded run.
 """
 import argparse
+import contextlib
+import io
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from torchvision import transforms  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision import transforms
 
-from model import MixAndMatchCVAE  # noqa: E402
-from sample import completion_grid  # noqa: E402
-from train import anneal_weight, train_epoch  # noqa: E402
-from utils import get_device, kl_divergence, load_mnist, mnist_dataset, split_image  # noqa: E402
+import train
+from model import MixAndMatchCVAE
+from sample import completion_grid
+from train import anneal_weight, train_epoch
+from utils import get_device, kl_divergence, load_mnist, mnist_dataset, split_image
 
 
 class TutorialModel(MixAndMatchCVAE):
@@ -113,10 +142,38 @@ def timed(device, fn, *args):
     return time.perf_counter() - t0
 
 
+def whole_run(data_root, device, epochs):
+    """train.py's main() for `epochs` epochs, in a temporary folder, with its train_epoch timed.
+    Returns seconds per epoch: the wall time from the first epoch's start to main()'s end (so
+    evaluation, figures and checkpoints included, data loading not), and the loop's own."""
+    loop, starts = [], []
+
+    def timed_train_epoch(*args):
+        starts.append(time.perf_counter())
+        result = train_epoch(*args)
+        synchronize(device)
+        loop.append(time.perf_counter() - starts[-1])
+        return result
+
+    with tempfile.TemporaryDirectory() as folder:
+        argv = ["train.py", "--data-root", data_root, "--device", str(device), "--epochs", str(epochs),
+                "--checkpoint-dir", f"{folder}/checkpoint", "--results-dir", f"{folder}/results"]
+        with mock.patch.object(train, "train_epoch", timed_train_epoch), mock.patch.object(sys, "argv", argv), \
+                contextlib.redirect_stdout(io.StringIO()):
+            train.main()
+        end = time.perf_counter()
+    return (end - starts[0]) / epochs, sum(loop) / epochs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per pipeline, after one warm-up (default: 2)")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="timed epochs per pipeline, after one warm-up (default: 2)")
+    parser.add_argument("--run-epochs", type=int, default=50,
+                        help="epochs of train.py's main() for the whole-run line; the default run's 50, since "
+                             "its one-off costs (importing matplotlib, the last drawing) weigh on a short run "
+                             "(default: 50)")
     parser.add_argument("--device", default="auto", help="(default: auto)")
     args = parser.parse_args()
     device = get_device(args.device)
@@ -151,6 +208,7 @@ def main():
     framework_s = len(loader) * framework_seconds_per_step(device, images, alpha)
     matmul_s = flops * len(images) / (peak * 1e9)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    run_s, run_loop_s = whole_run(args.data_root, device, args.run_epochs)
     threads = torch.get_num_threads()
     print(f"device {device}, {os.cpu_count()} CPU cores, {threads} torch threads, torch {torch.__version__}")
     print(f"median of {args.epochs} epochs after 1 warm-up, batch {batch_size}, {len(images)} images per epoch")
@@ -164,6 +222,8 @@ def main():
     print(f"eager floor: {framework_s:.2f} s framework time ({len(loader)} steps as timed at batch 2) + "
           f"{matmul_s:.2f} s of matmul at the measured peak = {framework_s + matmul_s:.2f} s/epoch, "
           f"so at most {tutorial_s / (framework_s + matmul_s):.2f}x")
+    print(f"train.py main(), {args.run_epochs} epochs: {run_s:.2f} s per epoch, of which the training loop "
+          f"{run_loop_s:.2f} s: {100 * (run_s / run_loop_s - 1):.1f}% outside it (evaluation, figures, checkpoint)")
     print(f"sample.py grid (20 x 18 completions): {1000 * sample_s:.1f} ms")
     print(f"peak RSS of this process (both pipelines): {rss_mib:.0f} MiB")
 

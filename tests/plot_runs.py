@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils import plot_history  # noqa: E402
+from utils import plot_history
 
 
 def main():

@@ -7,8 +7,14 @@ import torch
 from conftest import run_script
 from model import MixAndMatchCVAE, ModelConfig
 from train import curriculum_stage
-from utils import (active_units, classifier_scores, completion_distances, importance_weighted_nll,
-                   posterior_draws, split_image)
+from utils import (
+    active_units,
+    classifier_scores,
+    completion_distances,
+    importance_weighted_nll,
+    posterior_draws,
+    split_image,
+)
 
 
 def test_fixed_conditioning_always_takes_the_first_alpha_indices():

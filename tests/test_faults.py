@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ from train import train_epoch
 from utils import atomic_save, load_mnist, split_image
 
 
-def train(tmp_path, mnist_root, *extra, check=True):
+def train(tmp_path, mnist_root, *extra, check=True, setup=None):
     return run_script("train.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint-dir", "ck",
-                      "--results-dir", "results", *extra, cwd=tmp_path, check=check)
+                      "--results-dir", "results", *extra, cwd=tmp_path, check=check, setup=setup)
 
 
 def assert_refused(result, message, code=1):
@@ -34,7 +35,7 @@ def assert_refused(result, message, code=1):
 
 def checkpoints_on_disk(folder):
     """Every file of a checkpoint folder: names and bytes; fails if one is not a whole checkpoint."""
-    files = {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(folder, "*")))}
+    files = {os.path.basename(p): Path(p).read_bytes() for p in sorted(glob.glob(os.path.join(folder, "*")))}
     assert not [name for name in files if not name.endswith(".pth")], files.keys()  # no .tmp
     for name in files:
         checkpoint = torch.load(os.path.join(folder, name), weights_only=True)
@@ -69,7 +70,7 @@ def test_skipping_a_last_batch_of_one_leaves_every_other_batch_as_it_was(mnist_r
     model = MixAndMatchCVAE()
     model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
     torch.manual_seed(0)
-    rec, kl, step = train_epoch(model, torch.optim.Adam(model.parameters()), images, 128, 64, 0)
+    step = train_epoch(model, torch.optim.Adam(model.parameters()), images, 128, 64, 0)[2]
     torch.manual_seed(0)
     expected = [split_image(images[indices])[0] for indices in DataLoader(range(257), batch_size=128, shuffle=True)]
     assert step == 2 and len(seen) == 2 and [len(b) for b in expected] == [128, 128, 1]
@@ -152,9 +153,9 @@ def test_interrupts_name_the_last_checkpoint_and_leave_every_file_whole(tmp_path
     process = start_training(tmp_path, mnist_root)
     time.sleep(delay)
     process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=60)
+    stderr = process.communicate(timeout=60)[1]
     assert process.returncode == code and "Traceback" not in stderr, stderr
-    last = sorted(checkpoints_on_disk(tmp_path / "ck"))[-1]
+    last = max(checkpoints_on_disk(tmp_path / "ck"))
     assert f"interrupted ({signal.Signals(signum).name}) in epoch" in stderr
     assert (f"The last complete checkpoint is ck/{last}; continue with: python3 train.py --resume ck/{last} "
             f"--epochs 1000 --data-root {mnist_root} --checkpoint-dir ck --device cpu") in stderr
@@ -165,7 +166,7 @@ def failing_open(fail_when, after_bytes=1000):
     """open() whose files opened for writing at a path where fail_when(path) is true fail with
     ENOSPC after after_bytes, as a full disk does."""
     def fake_open(path, mode="r"):
-        f = open(path, mode)
+        f = open(path, mode)  # noqa: SIM115 (returned open, as open() does)
         if "w" not in mode or not fail_when(path):
             return f
         write, written = f.write, [0]
@@ -185,25 +186,21 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeyp
     model = MixAndMatchCVAE()
     path = str(tmp_path / "mix_match_01.pth")
     atomic_save(model.state_dict(), path)
-    before = open(path, "rb").read()
+    before = Path(path).read_bytes()
     monkeypatch.setattr("utils.open", failing_open(lambda p: True), raising=False)
     with pytest.raises(OSError) as raised:
         atomic_save(MixAndMatchCVAE().state_dict(), path)
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == path
-    assert os.listdir(tmp_path) == ["mix_match_01.pth"] and open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["mix_match_01.pth"] and Path(path).read_bytes() == before
 
 
 def test_train_py_on_a_full_disk_names_the_last_checkpoint(tmp_path, mnist_root):
     train(tmp_path, mnist_root, "--epochs", "1")
     before = checkpoints_on_disk(tmp_path / "ck")
     # train.py as the user runs it, with its checkpoint writes failing from epoch 2 on
-    program = (f"import runpy, sys, utils, test_faults; sys.argv = sys.argv[1:]; "
-               f"utils.open = test_faults.failing_open(lambda p: 'mix_match_02' in p); "
-               f"runpy.run_path(sys.argv[0], run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", program, os.path.join(REPO, "train.py"), "--data-root", mnist_root,
-                             "--device", "cpu", "--checkpoint-dir", "ck", "--results-dir", "results", "--epochs", "3",
-                             "--resume", "ck/mix_match_01.pth"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])})
+    full_from_epoch_2 = "import utils, test_faults; utils.open = test_faults.failing_open(lambda p: 'match_02' in p)"
+    result = train(tmp_path, mnist_root, "--epochs", "3", "--resume", "ck/mix_match_01.pth", check=False,
+                   setup=full_from_epoch_2)
     assert_refused(result, "error: ck/mix_match_02.pth: No space left on device. The last complete checkpoint is "
                            "ck/mix_match_01.pth; continue with: python3 train.py --resume ck/mix_match_01.pth")
     assert checkpoints_on_disk(tmp_path / "ck") == before

@@ -77,3 +77,11 @@ def test_user_errors_are_one_clear_message(tmp_path, mnist_root):
     assert result.returncode == 2 and "--alpha must be in 0..128" in result.stderr
     result = run_script("train.py", "--epochs", "0", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "expected a whole number >= 1" in result.stderr
+
+
+def test_curves_are_drawn_after_the_last_epoch_not_after_each(tmp_path, mnist_root):
+    # three short epochs, well within train.CURVES_EVERY_S: one drawing, with every epoch in it
+    count = "import utils; utils.plot_history = lambda runs, path: print('drawn', *(len(h) for h in runs.values()))"
+    result = run_script("train.py", "--data-root", mnist_root, "--epochs", "3", "--device", "cpu", cwd=tmp_path,
+                        setup=count)
+    assert re.findall(r"^drawn \d+$", result.stdout, re.MULTILINE) == ["drawn 3"]

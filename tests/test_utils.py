@@ -4,11 +4,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributions import Normal, kl_divergence as torch_kl
+from torch.distributions import Normal
+from torch.distributions import kl_divergence as torch_kl
 
 from model import MixAndMatchCVAE, ModelConfig
-from utils import (BinaryCrossEntropySum, join_image, kl_anneal_function, kl_divergence, load_checkpoint,
-                   positive_float, positive_int, save_checkpoint, split_image)
+from utils import (
+    BinaryCrossEntropySum,
+    join_image,
+    kl_anneal_function,
+    kl_divergence,
+    load_checkpoint,
+    positive_float,
+    positive_int,
+    save_checkpoint,
+    split_image,
+)
 
 
 def test_logistic_annealing_values():
@@ -74,7 +84,8 @@ def test_checkpoint_round_trip_and_tutorial_state_dict(tmp_path):
     path = str(tmp_path / "sub" / "mix_match_03.pth")
     save_checkpoint(path, model, optimizer, alpha=20, epoch=3, step=99, args=argparse.Namespace(seed=0))
     loaded, checkpoint = load_checkpoint(path, torch.device("cpu"))
-    assert loaded.config == model.config and (checkpoint["alpha"], checkpoint["epoch"], checkpoint["step"]) == (20, 3, 99)
+    assert loaded.config == model.config
+    assert (checkpoint["alpha"], checkpoint["epoch"], checkpoint["step"]) == (20, 3, 99)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     assert not list(tmp_path.glob("sub/*.tmp"))
