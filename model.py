@@ -115,11 +115,14 @@ class MixAndMatchCVAE(nn.Module):
         return self.decode(z, condition_h, sampled_indices), mu, logvar
 
     @torch.no_grad()
-    def sample(self, condition, alpha, z=None):
-        """Completions for each condition row, with z ~ N(0, I) unless given (the prior at test time)."""
+    def sample(self, condition, alpha, z=None, temperature=1.0):
+        """Completions for each condition row, with z ~ N(0, temperature^2 I) unless given: the prior
+        at temperature 1, the tutorial's; lower trades diversity for typical completions."""
         self._check_width(condition, self.config.condition_dim, "condition")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if z is None:
-            z = torch.randn(condition.shape[0], self.config.latent_dim, device=condition.device)
+            z = temperature * torch.randn(condition.shape[0], self.config.latent_dim, device=condition.device)
         self._check_width(z, self.config.latent_dim, "z")
         return self.decode(z, self.condition_encoder(condition), self.sampling(alpha)[0])
 

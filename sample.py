@@ -2,8 +2,8 @@
 Complete MNIST digits from their bottom with a trained Mix-and-Match CVAE.
 
 Writes a grid with one test image per row: the ground truth, the condition alone (top blank),
-then n-samples completions (generated top on the real bottom), each from its own z ~ N(0, I)
-and its own Sampling of I.
+then n-samples completions (generated top on the real bottom), each from its own
+z ~ N(0, T^2 I) (T = --temperature, 1 being the tutorial's prior) and its own Sampling of I.
 
     python3 sample.py --data-root ./data
 """
@@ -29,9 +29,11 @@ from utils import (
     load_or_train_classifier,
     newest_checkpoint,
     plot_sampling_resampling,
+    positive_float,
     positive_int,
     posterior_draws,
     save_image_grid,
+    save_json,
     set_seed,
     split_image,
     writable_dir,
@@ -49,6 +51,9 @@ def main():
     parser.add_argument("--n-images", type=positive_int, default=20, help="test images, one per row (default: 20)")
     parser.add_argument("--n-samples", type=positive_int, default=18, help="completions per image (default: 18)")
     parser.add_argument("--alpha", type=int, help="Sampling size (default: the checkpoint's)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0,
+                        help="completions decode z ~ N(0, T^2 I); the likelihoods of --metrics keep the "
+                             "prior N(0, I) (default: 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
@@ -59,6 +64,7 @@ def main():
     parser.add_argument("--n-eval", type=positive_int, default=1000, help="test images for --metrics (default: 1000)")
     parser.add_argument("--n-importance", type=positive_int, default=100,
                         help="importance samples per image for the NLL of --metrics (default: 100)")
+    parser.add_argument("--json", metavar="PATH", help="with --metrics, also write them to PATH as JSON")
     args = parser.parse_args()
     try:
         run(parser, args)
@@ -79,6 +85,10 @@ def run(parser, args):
         writable_dir(CHECKPOINT_DIR, "the digit classifier's cache folder")
     if args.metrics and args.n_samples < 2:
         parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
+    if args.json and not args.metrics:
+        parser.error("--json writes the metrics: add --metrics")
+    if args.json:
+        check_output_file(args.json, "--json", {"json"})
     set_seed(args.seed)
     device = get_device(args.device)
     checkpoint_path = args.checkpoint or newest_checkpoint(CHECKPOINT_DIR)
@@ -93,9 +103,10 @@ def run(parser, args):
         if value > len(test_images):
             parser.error(f"{flag} must be at most {len(test_images)}, the test set's size")
     images = test_images[:args.n_images]
-    grid = completion_grid(model, images, alpha, args.n_samples)
+    grid = completion_grid(model, images, alpha, args.n_samples, args.temperature)
     save_image_grid(grid.flatten(0, 1), args.out, nrow=grid.shape[1])
-    print(f"wrote {args.out}: {args.n_images} rows x {grid.shape[1]} columns (alpha {alpha})")
+    print(f"wrote {args.out}: {args.n_images} rows x {grid.shape[1]} columns (alpha {alpha}, "
+          f"temperature {args.temperature:g})")
 
     if args.figure:
         plot_sampling_resampling(*model.sampling(alpha), model.config.hidden_dim, args.figure)
@@ -105,57 +116,78 @@ def run(parser, args):
         # one classifier for every checkpoint, so that their quality scores compare
         classifier = load_or_train_classifier(classifier_path, args.data_root, device)
         accuracy = (classifier_log_probs(classifier, test_images).argmax(1) == test_labels).float().mean().item()
-        print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, alpha {alpha}; first {args.n_eval} "
-              f"test images, K = {args.n_samples} completions, S = {args.n_importance} importance samples, "
-              f"seed {args.seed}; digit classifier test accuracy {100 * accuracy:.2f}%")
-        print_metrics(model, classifier, test_images[:args.n_eval], alpha, args.n_samples, args.n_importance)
+        print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, alpha {alpha}, temperature "
+              f"{args.temperature:g}; first {args.n_eval} test images, K = {args.n_samples} completions, "
+              f"S = {args.n_importance} importance samples, seed {args.seed}; digit classifier test accuracy "
+              f"{100 * accuracy:.2f}%")
+        rows = evaluation_metrics(model, classifier, test_images[:args.n_eval], alpha, args.n_samples,
+                                  args.n_importance, args.temperature)
+        print_metrics(rows)
+        if args.json:
+            save_json({"checkpoint": checkpoint_path, "conditioning": model.config.conditioning, "alpha": alpha,
+                       "train_alpha": checkpoint["alpha"], "train_seed": checkpoint.get("args", {}).get("seed"),
+                       "temperature": args.temperature, "seed": args.seed, "n_eval": args.n_eval,
+                       "n_samples": args.n_samples, "n_importance": args.n_importance,
+                       "classifier_accuracy": accuracy,
+                       "metrics": {key: {"name": name, "model": value, "real_top": reference}
+                                   for key, name, value, reference in rows}}, args.json, indent=2)
+            print(f"wrote {args.json}")
 
 
 @torch.no_grad()
-def complete(model, condition, alpha, n_samples):
+def complete(model, condition, alpha, n_samples, temperature=1.0):
     """(N, n_samples, 784): generated tops on the real bottoms. One batched call per completion,
     so that each has its own Sampling draw as well as its own latents."""
-    tops = torch.stack([model.sample(condition, alpha) for _ in range(n_samples)], dim=1)  # (N, K, 500)
+    tops = torch.stack([model.sample(condition, alpha, temperature=temperature) for _ in range(n_samples)], dim=1)
     return join_image(tops, condition[:, None].expand(-1, n_samples, -1))
 
 
 @torch.no_grad()
-def completion_grid(model, images, alpha, n_samples):
+def completion_grid(model, images, alpha, n_samples, temperature=1.0):
     """(N, 2 + n_samples, 784): truth, condition alone (top blank), completions."""
     data, condition = split_image(images)
     condition_alone = join_image(torch.zeros_like(data), condition)
-    return torch.cat([images[:, None], condition_alone[:, None], complete(model, condition, alpha, n_samples)], dim=1)
+    completions = complete(model, condition, alpha, n_samples, temperature)
+    return torch.cat([images[:, None], condition_alone[:, None], completions], dim=1)
 
 
 @torch.no_grad()
-def print_metrics(model, classifier, images, alpha, n_samples, n_importance):
+def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance, temperature=1.0):
     """The paper's measures adapted to MNIST completion (README, Results), per image, averaged
-    over the images; the real tops give a reference row for the classifier's measures."""
+    over the images: rows of (key, name, model's value, real top's value or None). The
+    likelihoods use the model's prior; the completions (diversity, best-of-K, the classifier's
+    measures) decode z ~ N(0, temperature^2 I). The real tops give the classifier's reference."""
     data, condition = split_image(images)
     log_w, bce, kl, means = posterior_draws(model, data, condition, alpha, n_importance)
-    completed = complete(model, condition, alpha, n_samples)  # (N, K, 784)
+    completed = complete(model, condition, alpha, n_samples, temperature)  # (N, K, 784)
     diversity, best_error, mean_error = completion_distances(split_image(completed)[0], data)
     log_probs = classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2])
     scores = classifier_scores(log_probs)  # over the K completions of each image
     truth = classifier_scores(classifier_log_probs(classifier, images)[:, None])  # K = 1: the real top
     rows = [
-        ("reconstruction BCE, 500 pixels (nats)", bce.mean(), None),
-        ("KL (nats)", kl.mean(), None),
-        ("negative ELBO = BCE + KL (nats)", (bce + kl).mean(), None),
-        (f"IW NLL -log p(top | bottom), S={n_importance} (nats)", importance_weighted_nll(log_w).mean(), None),
-        (f"diversity: mean distance between the K={n_samples}", diversity.mean(), None),
-        ("best-of-K distance to the true top", best_error.mean(), None),
-        ("mean distance to the true top", mean_error.mean(), None),
-        (f"active latent units (of {model.config.latent_dim})", active_units(means), None),
-        ("classifier confidence", scores[0].mean(), truth[0].mean()),
-        ("share with confidence >= 0.9", scores[1].mean(), truth[1].mean()),
-        ("distinct digits among the K", scores[2].mean(), truth[2].mean()),
-        ("conditional Inception Score", scores[3].mean(), truth[3].mean()),
+        ("rec_bce", "reconstruction BCE, 500 pixels (nats)", bce.mean(), None),
+        ("kl", "KL (nats)", kl.mean(), None),
+        ("neg_elbo", "negative ELBO = BCE + KL (nats)", (bce + kl).mean(), None),
+        ("iw_nll", f"IW NLL -log p(top | bottom), S={n_importance} (nats)", importance_weighted_nll(log_w).mean(),
+         None),
+        ("diversity", f"diversity: mean distance between the K={n_samples}", diversity.mean(), None),
+        ("best_of_k", "best-of-K distance to the true top", best_error.mean(), None),
+        ("mean_distance", "mean distance to the true top", mean_error.mean(), None),
+        ("active_units", f"active latent units (of {model.config.latent_dim})", active_units(means), None),
+        ("confidence", "classifier confidence", scores[0].mean(), truth[0].mean()),
+        ("confident_share", "share with confidence >= 0.9", scores[1].mean(), truth[1].mean()),
+        ("distinct_digits", "distinct digits among the K", scores[2].mean(), truth[2].mean()),
+        ("inception_score", "conditional Inception Score", scores[3].mean(), truth[3].mean()),
     ]
+    return [(key, name, value if isinstance(value, int) else float(value), None if ref is None else float(ref))
+            for key, name, value, ref in rows]
+
+
+def print_metrics(rows):
     print(f"{'metric (per image)':<48} {'model':>9} {'real top':>9}")
-    for name, value, reference in rows:
-        reference = "" if reference is None else f"{float(reference):9.3f}"
-        value = f"{value:9d}" if isinstance(value, int) else f"{float(value):9.3f}"
+    for _, name, value, reference in rows:
+        reference = "" if reference is None else f"{reference:9.3f}"
+        value = f"{value:9d}" if isinstance(value, int) else f"{value:9.3f}"
         print(f"{name:<48} {value} {reference:>9}")
 
 

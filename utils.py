@@ -5,6 +5,7 @@ split, device and seed, checkpoints, figures, and the evaluation metrics of samp
 import argparse
 import contextlib
 import glob
+import hashlib
 import io
 import json
 import math
@@ -160,8 +161,8 @@ def positive_float(text):
         value = float(text)
     except ValueError:
         value = None
-    if value is None or not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if value is None or not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -200,10 +201,11 @@ def check_output_file(path, flag, formats):
     """An output file's extension must name one of `formats`, and its folder must be writable."""
     root, extension = os.path.splitext(path)
     if extension.lower().lstrip(".") not in formats:
-        common = [f for f in ("png", "jpg", "pdf", "svg") if f in formats]
+        shown = [f for f in ("png", "jpg", "pdf", "svg") if f in formats] or sorted(formats)
+        more = f" and {len(formats) - len(shown)} more" if len(formats) > len(shown) else ""
         problem = f"cannot write the format {extension!r}" if extension else "no extension to name its format"
-        raise SystemExit(f"error: {flag} {path!r}: {problem}; use e.g. {root}.png "
-                         f"({', '.join(common)} and {len(formats) - len(common)} more work)")
+        raise SystemExit(f"error: {flag} {path!r}: {problem}; use e.g. {root}.{shown[0]}"
+                         + (f" (it writes {', '.join(shown)}{more})" if len(formats) > 1 else ""))
     writable_dir(os.path.dirname(path) or ".", flag)
 
 
@@ -526,13 +528,18 @@ def random_shift(images, pixels=2):
 
 def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
     """The digit classifier cached at `path`, trained there on MNIST's training set on first use
-    (about a minute on 2 CPU cores). It trains under its own seed, so whether it was cached does
-    not change the random draws of the metrics that follow."""
+    (about a minute on 2 CPU cores). The cache names the raw files it was trained on, so a
+    classifier of other data (another --data-root) is never reused. It trains under its own
+    seed, so whether it was cached does not change the random draws of the metrics that follow."""
     classifier = digit_classifier().to(device)
+    fingerprint = mnist_fingerprint(data_root)
     if os.path.isfile(path):
         try:
-            classifier.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-            return classifier.eval()
+            cached = torch.load(path, map_location=device, weights_only=True)
+            if cached.get("mnist_sha256") == fingerprint:
+                classifier.load_state_dict(cached["model"])
+                return classifier.eval()
+            print(f"retraining the digit classifier: {path} was trained on other MNIST files")
         except Exception as e:  # noqa: BLE001 (a broken cache, whatever the breakage, is only a cache)
             print(f"retraining the digit classifier: cannot read {path} ({type(e).__name__})")
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
@@ -549,8 +556,18 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
                 loss.backward()
                 optimizer.step()
             scheduler.step()
-    atomic_save(classifier.state_dict(), path)
+    atomic_save({"model": classifier.state_dict(), "mnist_sha256": fingerprint}, path)
     return classifier.eval()
+
+
+def mnist_fingerprint(root):
+    """SHA-256 of the four raw MNIST files under root (50 ms): the data a classifier learnt."""
+    digest = hashlib.sha256()
+    for name in MNIST_FILES:
+        with open(os.path.join(root, "MNIST", "raw", name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 
 from conftest import run_script
 from model import MixAndMatchCVAE
-from sample import completion_grid, print_metrics
+from sample import completion_grid, evaluation_metrics
 from train import evaluate, train_epoch
 from utils import digit_classifier, load_or_train_classifier, posterior_draws, split_image
 
@@ -70,7 +70,7 @@ def test_evaluation_sampling_and_metrics_keep_every_tensor_on_the_data_device():
     for fn, args in [(evaluate, (model, images, 64)),
                      (completion_grid, (model, images, 64, 5)),  # sample() and complete()
                      (posterior_draws, (model, data, condition, 64, 4)),
-                     (print_metrics, (model, digit_classifier().to(META).eval(), images, 64, 5, 4))]:
+                     (evaluation_metrics, (model, digit_classifier().to(META).eval(), images, 64, 5, 4))]:
         recorder = record(fn, *args)
         assert recorder.mixed == [], fn.__name__
         assert len(recorder.ops) > 50, fn.__name__  # it did run

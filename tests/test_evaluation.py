@@ -1,10 +1,12 @@
 """Conditioning modes, the curriculum, and the evaluation metrics of sample.py --metrics."""
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import N_TEST, N_TRAIN, run_script, write_idx
 from model import MixAndMatchCVAE, ModelConfig
 from train import curriculum_stage
 from utils import (
@@ -12,6 +14,7 @@ from utils import (
     classifier_scores,
     completion_distances,
     importance_weighted_nll,
+    load_or_train_classifier,
     posterior_draws,
     split_image,
 )
@@ -101,3 +104,45 @@ def test_metrics_command_end_to_end(tmp_path, mnist_root):
         assert name in table
     history = (tmp_path / "results" / "history.json").read_text()
     assert '"train_kl"' in history and (tmp_path / "results" / "curves.png").is_file()
+
+
+def test_a_classifier_cached_from_other_mnist_files_is_retrained(tmp_path, mnist_root, capsys):
+    other_root = tmp_path / "other"
+    (other_root / "MNIST" / "raw").mkdir(parents=True)
+    rng = np.random.default_rng(1)  # other images than mnist_root's
+    write_idx(other_root / "MNIST" / "raw", "train", N_TRAIN, rng)
+    write_idx(other_root / "MNIST" / "raw", "t10k", N_TEST, rng)
+    path = str(tmp_path / "classifier.pth")
+    for root, expected in [(mnist_root, "training the digit classifier once"), (mnist_root, None),
+                           (str(other_root), "was trained on other MNIST files")]:
+        load_or_train_classifier(path, root, torch.device("cpu"), epochs=1)
+        printed = capsys.readouterr().out
+        assert (expected in printed) if expected else printed == ""
+
+
+def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root):
+    run_script("train.py", "--data-root", mnist_root, "--epochs", "1", "--checkpoint-dir", "checkpoint",
+               "--results-dir", "results", "--device", "cpu", cwd=tmp_path)
+    result = run_script("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
+                        "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3,
+                        "--json", "out/metrics.json", cwd=tmp_path)
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["temperature"] == 1.5 and "temperature 1.5;" in result.stdout
+    assert (written["seed"], written["alpha"], written["train_alpha"], written["train_seed"]) == (3, 64, 64, 0)
+    assert written["checkpoint"].endswith("mix_match_01.pth")
+    assert f"test accuracy {100 * written['classifier_accuracy']:.2f}%" in result.stdout
+    printed = result.stdout.splitlines()
+    assert len(written["metrics"]) == 12
+    for row in written["metrics"].values():  # each printed line, rebuilt from the JSON
+        value = f"{row['model']:9d}" if isinstance(row["model"], int) else f"{row['model']:9.3f}"
+        reference = "" if row["real_top"] is None else f"{row['real_top']:9.3f}"
+        assert f"{row['name']:<48} {value} {reference:>9}" in printed
+
+
+def test_sampling_flags_are_checked_before_any_work(tmp_path):
+    for flags, message in [(["--temperature", "0"], "expected a finite number > 0, got '0'"),
+                           (["--temperature", "-0.5"], "expected a finite number > 0, got '-0.5'"),
+                           (["--json", "m.json"], "--json writes the metrics: add --metrics"),
+                           (["--metrics", "--json", "m.txt"], "--json 'm.txt': cannot write the format '.txt'")]:
+        result = run_script("sample.py", *flags, cwd=tmp_path, check=False)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr

@@ -105,6 +105,24 @@ def test_forward_and_sample_shapes_and_ranges():
     assert torch.equal(given, model.sample(condition, 64, z=torch.zeros(16, 32)))
 
 
+def test_temperature_scales_the_latent():
+    model = MixAndMatchCVAE(ModelConfig(conditioning="fixed")).eval()  # one Sampling: only z varies
+    condition = batch()[1]
+    cold = [model.sample(condition, 64, temperature=1e-6) for _ in range(3)]  # T -> 0: z -> 0
+    assert all(torch.allclose(c, cold[0], atol=1e-5) for c in cold)
+    assert not torch.allclose(model.sample(condition, 64), model.sample(condition, 64), atol=1e-3)
+    for temperature in [1.0, 2.5]:  # T = 1 is the tutorial's prior; in general z = T * eps, then a Sampling
+        torch.manual_seed(1)
+        completions = model.sample(condition, 64, temperature=temperature)
+        torch.manual_seed(1)
+        z = temperature * torch.randn(16, 32)
+        expected = model.decode(z, model.condition_encoder(condition), model.sampling(64)[0])
+        assert torch.equal(completions, expected)
+    for bad in [0, -1.0]:
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            model.sample(condition, 64, temperature=bad)
+
+
 @pytest.mark.parametrize("alpha", [0, 1, 127, 128])
 def test_extreme_alphas_run(alpha):
     model = MixAndMatchCVAE()

@@ -73,7 +73,7 @@ def test_flag_types_refuse_bad_values():
     for bad in ["0", "-2", "1.5", "x"]:
         with pytest.raises(argparse.ArgumentTypeError):
             positive_int(bad)
-    for bad in ["0", "-1e-4", "nan", "x"]:
+    for bad in ["0", "-1e-4", "nan", "inf", "x"]:
         with pytest.raises(argparse.ArgumentTypeError):
             positive_float(bad)
 

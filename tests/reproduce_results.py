@@ -1,0 +1,276 @@
+"""
+Reproduce README's Results (not a test): train every run, measure each with
+`sample.py --metrics --json`, then write the tables and the figures from those JSONs alone.
+
+    python3 tests/reproduce_results.py --data-root ../shared/data
+
+- Seeds: mix-and-match, fixed and mix-and-match --curriculum-step 1, seeds 0, 1 and 2, with the
+  tutorial's recipe; each measured at T = 1.
+- The frontier: each mode's seed-0 model at the temperatures TEMPERATURES; the default model at
+  test-time alphas TEST_ALPHAS; mix-and-match and fixed trained at TRAIN_ALPHAS (seed 0), at T = 1.
+
+The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
+and a training that was interrupted resumes from its newest checkpoint, so the same command
+continues an interrupted reproduction. Writes results/reproduce/results.md (README's tables),
+samples/frontier.png, samples/kl_curves.png and the seed-0 completion grids samples/sampled*.png.
+"""
+import argparse
+import glob
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from utils import plot_history, save_figure
+
+MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
+SEEDS = (0, 1, 2)
+TEMPERATURES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # until diversity stops growing
+TEST_ALPHAS, TEST_ALPHA_TEMPERATURES = (32, 96), (1.0, 1.5)  # the default model, sampled with another alpha
+TRAIN_ALPHAS = (16, 32, 96, 112)  # 64, the default, is the seed runs
+EPOCHS = 50
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--runs-dir", default=os.path.join(REPO, "results", "reproduce"),
+                        help="where the runs live (default: results/reproduce)")
+    args = parser.parse_args()
+    t0 = time.time()
+    trainings, measures = training_runs(), measurements()
+    for i, (name, flags) in enumerate(trainings.items(), 1):
+        train(args, name, flags, f"[{i}/{len(trainings)}]")
+    for i, (name, (run, flags)) in enumerate(measures.items(), 1):
+        measure(args, name, run, flags, f"[{i}/{len(measures)}]")
+
+    metrics = {}
+    for name in measures:
+        with open(os.path.join(args.runs_dir, "metrics", f"{name}.json")) as f:
+            metrics[name] = json.load(f)
+    tables = "\n\n".join([seed_table(metrics), differences_table(metrics), frontier_table(metrics)])
+    with open(os.path.join(args.runs_dir, "results.md"), "w") as f:
+        f.write(tables + "\n")
+    print(tables)
+    plot_frontier(metrics, os.path.join(REPO, "samples", "frontier.png"))
+    plot_history({mode: checkpoint_history(args, f"{mode}-seed0") for mode in MODES},
+                 os.path.join(REPO, "samples", "kl_curves.png"))
+    for mode, grid in [("mix-and-match", "sampled.png"), ("fixed", "sampled_fixed.png"),
+                       ("curriculum", "sampled_curriculum.png")]:
+        shutil.copyfile(os.path.join(args.runs_dir, "metrics", f"{mode}-seed0-T1.png"),
+                        os.path.join(REPO, "samples", grid))
+    print(f"wrote {args.runs_dir}/results.md and samples/: frontier.png, kl_curves.png, sampled*.png; "
+          f"{(time.time() - t0) / 60:.1f} min")
+
+
+def training_runs():
+    """{run name: train.py flags} for every training run."""
+    runs = {f"{mode}-seed{seed}": [*flags, "--seed", str(seed)] for mode, flags in MODES.items() for seed in SEEDS}
+    runs.update({f"{mode}-alpha{alpha}": [*MODES[mode], "--alpha", str(alpha)]
+                 for mode in ("mix-and-match", "fixed") for alpha in TRAIN_ALPHAS})
+    return runs
+
+
+def measurements():
+    """{measurement name: (run name, sample.py flags)} for every metrics run."""
+    todo = {f"{mode}-seed{seed}-T1": (f"{mode}-seed{seed}", []) for mode in MODES for seed in SEEDS}
+    todo.update({f"{mode}-seed0-T{t:g}": (f"{mode}-seed0", ["--temperature", f"{t:g}"])
+                 for mode in MODES for t in TEMPERATURES})
+    todo.update({f"mix-and-match-seed0-testalpha{alpha}-T{t:g}": ("mix-and-match-seed0",
+                                                                  ["--alpha", str(alpha), "--temperature", f"{t:g}"])
+                 for alpha in TEST_ALPHAS for t in TEST_ALPHA_TEMPERATURES})
+    todo.update({f"{mode}-alpha{alpha}-T1": (f"{mode}-alpha{alpha}", [])
+                 for mode in ("mix-and-match", "fixed") for alpha in TRAIN_ALPHAS})
+    return todo
+
+
+def final_checkpoint(args, run):
+    return os.path.join(args.runs_dir, run, "checkpoint", f"mix_match_{EPOCHS:02d}.pth")
+
+
+def train(args, name, flags, progress):
+    if os.path.isfile(final_checkpoint(args, name)):
+        return
+    folder = os.path.join(args.runs_dir, name)
+    done = sorted(glob.glob(os.path.join(folder, "checkpoint", "mix_match_*.pth")))
+    resume = ["--resume", done[-1]] if done else []  # an interrupted reproduction continues the run
+    run(f"{progress} training {name}" + (f", from {done[-1]}" if done else ""), os.path.join(folder, "train.log"),
+        "train.py", "--data-root", args.data_root, "--checkpoint-dir", os.path.join(folder, "checkpoint"),
+        "--results-dir", os.path.join(folder, "results"), "--epochs", str(EPOCHS), *flags, *resume)
+
+
+def measure(args, name, run_name, flags, progress):
+    folder = os.path.join(args.runs_dir, "metrics")
+    if os.path.isfile(os.path.join(folder, f"{name}.json")):
+        return
+    run(f"{progress} measuring {name}", os.path.join(folder, f"{name}.log"), "sample.py", "--data-root",
+        args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
+        "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"), *flags)
+
+
+def run(what, log, script, *script_args):
+    """One script, its output in `log`; a failure stops the reproduction with its last lines."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    t0 = time.time()
+    print(what, end="", flush=True)
+    with open(log, "w") as f:
+        result = subprocess.run([sys.executable, os.path.join(REPO, script), *script_args], cwd=REPO,
+                                stdout=f, stderr=subprocess.STDOUT, check=False)
+    print(f": {time.time() - t0:.0f} s", flush=True)
+    if result.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-2000:]
+        sys.exit(f"{tail}\nerror: {script} failed (exit {result.returncode}), its log: {log}. "
+                 f"Fix the cause and run this command again: it continues where it stopped.")
+
+
+def checkpoint_history(args, run):
+    import torch
+
+    return torch.load(final_checkpoint(args, run), weights_only=True)["history"]
+
+
+# ----------------------------------------------------------------------------- tables
+
+def seed_values(metrics, mode, key):
+    return [metrics[f"{mode}-seed{seed}-T1"]["metrics"][key]["model"] for seed in SEEDS]
+
+
+def mean_sd(values):
+    """Mean and sample standard deviation (n - 1) over the seeds."""
+    return statistics.mean(values), statistics.stdev(values)
+
+
+def seed_table(metrics):
+    """README's Results table: each metric of sample.py --metrics as mean ± sd over the seeds, per
+    mode; the real tops' value (the same for every run: one classifier, one test set); and the
+    shipped model's (mix-and-match, seed 0) value as `sample.py --metrics` prints it."""
+    shipped = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
+    lines = [f"| metric (per test image), mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
+             + " | ".join(MODES) + " | real top | shipped model (seed 0) |", "|---|" + "---:|" * (len(MODES) + 2)]
+    for key, row in shipped.items():
+        cells = ["{:.3f} ± {:.3f}".format(*mean_sd(seed_values(metrics, mode, key))) for mode in MODES]
+        real = "" if row["real_top"] is None else f"{row['real_top']:.3f}"
+        value = f"{row['model']:d}" if isinstance(row["model"], int) else f"{row['model']:.3f}"
+        lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + f" | {real} | {value} |")
+    return "\n".join(lines)
+
+
+def differences_table(metrics):
+    """Each difference between modes beside twice the larger of the two seed spreads (sd); 'yes'
+    where the difference is the larger, the only differences README reads as findings."""
+    pairs = [("mix-and-match", "fixed"), ("curriculum", "mix-and-match")]
+    lines = ["| metric | " + " | ".join(f"{a} − {b} | 2 × sd | beyond?" for a, b in pairs) + " |",
+             "|---|" + "---:|---:|:---:|" * len(pairs)]
+    for key, row in metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"].items():
+        cells = []
+        for a, b in pairs:
+            (mean_a, sd_a), (mean_b, sd_b) = (mean_sd(seed_values(metrics, mode, key)) for mode in (a, b))
+            difference, spread = mean_a - mean_b, 2 * max(sd_a, sd_b)
+            cells.append(f"{difference:+.3f} | {spread:.3f} | {'yes' if abs(difference) > spread else 'no'}")
+        lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(text):
+    return text.replace("|", "\\|")  # a bare | would end the table cell
+
+
+def point(measurement, x="distinct_digits", y="confidence"):
+    return measurement["metrics"][x]["model"], measurement["metrics"][y]["model"]
+
+
+def frontier_table(metrics):
+    """Every frontier point (seed 0): temperature curves, test-time alphas and trained alphas,
+    beside the confidence each conditioning's temperature curve has at the same diversity
+    (linear between its temperatures; distinct digits grow with T along every curve)."""
+    curves = {mode: [point(metrics[f"{mode}-seed0-T{t:g}"]) for t in TEMPERATURES]
+              for mode in ("fixed", "mix-and-match")}
+    header = ("| model (seed 0) | T | distinct digits | mean distance | confidence | "
+              "fixed's confidence at these distinct digits | mix-and-match's |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in frontier_points():
+        m = metrics[name]
+        label = name.rsplit("-T", 1)[0].replace("-seed0", "").replace("testalpha", "test-time alpha ")
+        distinct, confidence = point(m)
+        on_curves = [on_curve(curve, distinct) for curve in curves.values()]
+        cells = ["" if value is None else f"{value:.3f}" for value in on_curves]
+        lines.append(f"| {label} | {m['temperature']:g} | {distinct:.3f} | {m['metrics']['diversity']['model']:.3f} "
+                     f"| {confidence:.3f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def frontier_points():
+    """The measurements of the frontier, each conditioning's temperatures in order, then alphas."""
+    names = [f"{mode}-seed0-T{t:g}" for mode in MODES for t in TEMPERATURES]
+    names += [f"mix-and-match-seed0-testalpha{a}-T{t:g}" for a in TEST_ALPHAS for t in TEST_ALPHA_TEMPERATURES]
+    return names + [f"{mode}-alpha{a}-T1" for mode in ("mix-and-match", "fixed") for a in TRAIN_ALPHAS]
+
+
+def on_curve(curve, x):
+    """The y of a curve of (x, y) points at x, linear between neighbouring points; None outside
+    the x the curve spans."""
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
+        if min(x0, x1) <= x <= max(x0, x1):
+            return y0 if x0 == x1 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+# ----------------------------------------------------------------------------- figure
+
+def plot_frontier(metrics, path):
+    """Quality (classifier confidence) against diversity (distinct digits; mean pairwise
+    distance), one line per conditioning through its temperatures (seed 0), the seed spread at
+    T = 1 as error bars (mean ± sd), trained and test-time alphas as labelled points, the real
+    tops' confidence as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(MODES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True, gridspec_kw={
+        "left": 0.06, "right": 0.99, "bottom": 0.2, "top": 0.92, "wspace": 0.06})
+    for ax, x_key, x_label in [(axes[0], "distinct_digits", "diversity: distinct digits among the 18 completions"),
+                               (axes[1], "diversity", "diversity: mean distance between the 18 completions")]:
+        for mode, color in colors.items():
+            curve = [point(metrics[f"{mode}-seed0-T{t:g}"], x_key) for t in TEMPERATURES]
+            ax.plot(*zip(*curve), color=color, marker="o", markersize=3.5, label=f"{mode}: T = "
+                    f"{', '.join(f'{t:g}' for t in TEMPERATURES)}")
+            for t, (x, y) in zip(TEMPERATURES, curve):
+                if t in (TEMPERATURES[0], 1.0, TEMPERATURES[-1]):
+                    ax.annotate(f"T {t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+            (x_mean, x_sd), (y_mean, y_sd) = (mean_sd(seed_values(metrics, mode, key)) for key in (x_key, "confidence"))
+            ax.errorbar(x_mean, y_mean, xerr=x_sd, yerr=y_sd, color=color, capsize=3, linewidth=1.2,
+                        label=f"{mode}: seeds {', '.join(map(str, SEEDS))} at T = 1, mean ± sd")
+            for alpha in TRAIN_ALPHAS if mode != "curriculum" else ():
+                x, y = point(metrics[f"{mode}-alpha{alpha}-T1"], x_key)
+                ax.plot(x, y, marker="s", color=color, markersize=5, markerfacecolor="white")
+                ax.annotate(f"α {alpha}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7, color=color)
+        for alpha in TEST_ALPHAS:
+            for t in TEST_ALPHA_TEMPERATURES:
+                x, y = point(metrics[f"mix-and-match-seed0-testalpha{alpha}-T{t:g}"], x_key)
+                ax.plot(x, y, marker="^", color=colors["mix-and-match"], markersize=6, markerfacecolor="white")
+                ax.annotate(f"test α {alpha}, T {t:g}", (x, y), textcoords="offset points", xytext=(4, 3),
+                            fontsize=7, color=colors["mix-and-match"])
+        real = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]["confidence"]["real_top"]
+        ax.axhline(real, color="grey", linestyle="--", linewidth=1, label=f"real tops: confidence {real:.3f}")
+        ax.set(xlabel=x_label)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="quality: classifier confidence")
+    axes[0].plot([], [], "ks", markerfacecolor="white", label="trained with another alpha (T = 1)")
+    axes[0].plot([], [], "k^", markerfacecolor="white", label="default model, test-time alpha")
+    fig.suptitle("Quality against diversity (seed 0 along each line; up and right is better)")
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.03, -0.12), ncol=3, frameon=False)
+    save_figure(fig, path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
