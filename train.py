@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from model import CONDITIONINGS, MixAndMatchCVAE, ModelConfig
 from utils import (
+    TUTORIAL_ALPHA,
     get_device,
     join_image,
     kl_anneal_function,
@@ -39,7 +40,7 @@ from utils import (
 # 0.007 at step 0, 0.5 at step 2500 (epoch ~5.3 with batch 128), ~1 from step 5000 on
 ANNEAL_FUNCTION, ANNEAL_K, ANNEAL_X0 = "logistic", 0.002, 2500
 # the tutorial's values of the flags that --resume takes from the checkpoint when they are not given
-TUTORIAL = {"alpha": 64, "hidden_dim": ModelConfig.hidden_dim, "latent_dim": ModelConfig.latent_dim,
+TUTORIAL = {"alpha": TUTORIAL_ALPHA, "hidden_dim": ModelConfig.hidden_dim, "latent_dim": ModelConfig.latent_dim,
             "conditioning": ModelConfig.conditioning, "curriculum_step": 0, "lr": 1e-4, "batch_size": 128}
 MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "curriculum_step")  # fixed by a checkpoint
 # results/curves.png is redrawn once this many seconds have passed since its last drawing, and after

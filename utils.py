@@ -210,17 +210,28 @@ def check_output_file(path, flag, formats):
 
 
 def image_formats():
-    """Extensions PIL can write our grayscale grids to: its writers, less those that need a
-    plug-in or refuse 8-bit grayscale (tried on a 1-pixel image)."""
+    """Extensions (without the dot) save_image_grid can write to."""
     from PIL import Image
 
-    Image.init()
-    formats = set()
-    for extension, name in Image.registered_extensions().items():
-        with contextlib.suppress(KeyError, OSError, ValueError):  # no writer, a missing plug-in, or no "L"
-            Image.new("L", (1, 1)).save(io.BytesIO(), format=name)
-            formats.add(extension.lstrip("."))
-    return formats
+    return {extension.lstrip(".") for extension in Image.registered_extensions() if pil_format(extension)}
+
+
+def pil_format(extension):
+    """PIL's name of the format an extension names (".jpg": "JPEG") if PIL can write our 8-bit
+    grayscale grids in it (tried on a 1-pixel image), else None: no writer, a missing plug-in, or
+    no grayscale. The common formats come first; importing every plug-in takes 0.15 s."""
+    from PIL import Image
+
+    extension = extension.lower()
+    Image.preinit()  # PNG, JPEG, BMP, GIF, PPM
+    if extension not in Image.EXTENSION:
+        Image.init()
+    name = Image.EXTENSION.get(extension)
+    try:
+        Image.new("L", (1, 1)).save(io.BytesIO(), format=name)  # name None: PIL refuses, as for no writer
+    except (KeyError, OSError, ValueError):
+        return None
+    return name
 
 
 def figure_formats():
@@ -427,10 +438,8 @@ def save_image_grid(images, path, nrow):
 
     grid = make_grid(to_grid_images(images).cpu(), nrow=nrow)[0]  # (H, W): channel 0 of three copies
     pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
-    extension = os.path.splitext(path)[1].lower()
-    Image.preinit()  # PNG, JPEG, BMP, GIF, PPM; importing every plug-in for the rest takes 0.15 s
-    pil_format = Image.EXTENSION.get(extension) or Image.registered_extensions()[extension]  # ".jpg": "JPEG"
-    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format=pil_format))
+    name = pil_format(os.path.splitext(path)[1])  # the writer --out was checked against
+    atomic_write(path, lambda f: Image.fromarray(pixels).save(f, format=name))
 
 
 def save_json(obj, path, indent=1):

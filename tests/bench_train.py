@@ -1,7 +1,7 @@
 """
 Benchmark (not a test): our train.py training loop against the tutorial's pipeline, same model
-and recipe, timed side by side in one process; then train.py's own main() for a few epochs, to
-show what a whole run spends outside the training loop.
+and recipe, timed side by side in one process; then train.py's own main() for a whole default
+run (--run-epochs), to show what a run spends outside the training loop.
 
 The reference loop is the tutorial's: torchvision MNIST through transforms.ToTensor and
 DataLoader(batch_size=128, shuffle=True, num_workers=0), images reshaped per batch, Resampling
@@ -29,8 +29,9 @@ Notes for whoever optimises this next (2 CPU cores; README, Speed, has the summa
   model's matmul FLOPs at the speed of a 2048 x 2048 matmul. The FLOP count is exact for the
   Linear layers (forward, weight and input gradients; the encoders' first layers take pixels and
   need no input gradient): 1.52 MFLOP per image, where the usual 3 x forward would say 1.85.
-- Outside the loop, per epoch at a 1.67 s loop: evaluation 42 ms, the reconstruction grid 9 ms,
-  the checkpoint 8 ms, the curves 180 ms (hence train.py's CURVES_EVERY_S). Evaluation and the
+- Outside the loop, per epoch, each timed alone beside a 1.67 s loop: evaluation 42 ms, the
+  reconstruction grid 9 ms (RGB, before the grids became grayscale), the checkpoint 8 ms, the
+  curves 180 ms (hence train.py's CURVES_EVERY_S). Evaluation and the
   grid draw Samplings and latents from the generator, so they stay every epoch: moving them would
   change every seeded run.
 """

@@ -28,6 +28,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import torch
+
 from utils import plot_history, save_figure
 
 MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
@@ -132,8 +134,6 @@ def run(what, log, script, *script_args):
 
 
 def checkpoint_history(args, run):
-    import torch
-
     return torch.load(final_checkpoint(args, run), weights_only=True)["history"]
 
 
