@@ -7,13 +7,18 @@ The condition is not concatenated to the data or the latent: on every forward pa
 picks a random set I of `alpha` indices out of `hidden_dim`, and Resampling builds each hidden
 vector from two sources, one at I and the other at the complement. The layer names match the
 tutorial's, so its published state_dict loads with strict=True.
+
+Two options exist to test the paper's claim (README, "Does Mix-and-Match keep the latent in
+use?"): the ordinary concatenating CVAE (`conditioning="concat"`), and an autoregressive decoder
+(`decoder="autoregressive"`), expressive enough to do without the latent.
 """
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-CONDITIONINGS = ("mix-and-match", "fixed")
+CONDITIONINGS = ("mix-and-match", "fixed", "concat")
+DECODERS = ("mlp", "autoregressive")
 
 
 @dataclass
@@ -23,9 +28,13 @@ class ModelConfig:
     output_dim: int = 500  # the decoder completes the top
     hidden_dim: int = 128
     latent_dim: int = 32
-    # "mix-and-match": a fresh random I per pass (the tutorial); "fixed": I is always the first
-    # alpha indices, the paper's deterministic (concatenation) baseline of Table 1
+    # "mix-and-match": a fresh random I per pass (the tutorial, the paper's method); "fixed": I is
+    # always the first alpha indices, the paper's deterministic split (its Table 1 baseline);
+    # "concat": no Sampling, the two representations side by side, the ordinary CVAE
     conditioning: str = "mix-and-match"
+    # "mlp": the tutorial's decoder, every pixel independent given the fused hidden vector;
+    # "autoregressive": top pixel i also sees the top pixels before it in raster order
+    decoder: str = "mlp"
 
 
 def _encoder(in_dim, hidden_dim):
@@ -43,17 +52,32 @@ class MixAndMatchCVAE(nn.Module):
         self.config = config = config or ModelConfig()
         if config.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {config.conditioning!r}")
+        if config.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {config.decoder!r}")
+        # concatenation keeps both representations whole, so the layers after it are twice as wide
+        fused_dim = 2 * config.hidden_dim if config.conditioning == "concat" else config.hidden_dim
         self.data_encoder = _encoder(config.input_dim, config.hidden_dim)
         self.condition_encoder = _encoder(config.condition_dim, config.hidden_dim)
         # posterior q(z | data, condition); `std` holds the log-variance, as in the tutorial
-        self.mean = nn.Linear(config.hidden_dim, config.latent_dim)
-        self.std = nn.Linear(config.hidden_dim, config.latent_dim)
+        self.mean = nn.Linear(fused_dim, config.latent_dim)
+        self.std = nn.Linear(fused_dim, config.latent_dim)
         # lifts z to hidden_dim so that Resampling can mix it with the condition
         self.decode_latent = nn.Sequential(nn.Linear(config.latent_dim, config.hidden_dim), nn.ReLU())
         self.data_decoder = nn.Sequential(
-            nn.Linear(config.hidden_dim, config.hidden_dim), nn.BatchNorm1d(config.hidden_dim), nn.ReLU(),
+            nn.Linear(fused_dim, config.hidden_dim), nn.BatchNorm1d(config.hidden_dim), nn.ReLU(),
             nn.Linear(config.hidden_dim, config.output_dim), nn.Sigmoid(),
         )
+        if config.decoder == "autoregressive":
+            # logit of top pixel i += sum over j < i of W_ij * pixel j: a strictly lower-triangular
+            # linear map of the pixels before i (a fully visible sigmoid belief net, Neal 1992, on
+            # top of the decoder). It sees the stroke so far, the pixel to the left and the one a row
+            # up, which is what the MLP decoder can only get through z; one masked matmul when
+            # teacher-forced, O(pixels^2) multiply-adds to generate a top
+            self.previous_pixels = nn.Linear(config.output_dim, config.output_dim, bias=False)
+            self.register_buffer("causal_mask", torch.ones(config.output_dim, config.output_dim).tril(-1),
+                                 persistent=False)
+            with torch.no_grad():
+                self.previous_pixels.weight.mul_(self.causal_mask)  # the entries never used stay zero
 
     def sampling(self, alpha, curriculum_stage=None):
         """Sampling (README walk-through, step 3): a random set I of `alpha` distinct indices out of hidden_dim,
@@ -65,6 +89,8 @@ class MixAndMatchCVAE(nn.Module):
         if not 0 <= alpha <= hidden_dim:
             raise ValueError(f"alpha must be in 0..{hidden_dim} (a count of hidden units), got {alpha}")
         device = self.mean.weight.device
+        if self.config.conditioning == "concat":
+            return None, None  # the ordinary CVAE draws nothing
         if self.config.conditioning == "fixed":
             curriculum_stage = 0
         if curriculum_stage is None:
@@ -88,9 +114,15 @@ class MixAndMatchCVAE(nn.Module):
         # indexed assignments gives, at a fraction of the cost (tests/bench_train.py)
         return torch.where(is_sampled, at_sampled, at_complementary)  # (B, hidden_dim)
 
+    def combine(self, at_sampled, at_complementary, sampled_indices):
+        """Resampling, or for the ordinary CVAE ("concat") both sources side by side."""
+        if self.config.conditioning == "concat":
+            return torch.cat([at_sampled, at_complementary], dim=1)  # (B, 2 * hidden_dim)
+        return self.resampling(at_sampled, at_complementary, sampled_indices)  # (B, hidden_dim)
+
     def encode(self, data, condition_h, sampled_indices):
         # the encoder sees the data at I and the condition at the complement Ī
-        fused = self.resampling(self.data_encoder(data), condition_h, sampled_indices)  # (B, hidden_dim)
+        fused = self.combine(self.data_encoder(data), condition_h, sampled_indices)
         return self.mean(fused), self.std(fused)  # mu, logvar: (B, latent_dim) each
 
     @staticmethod
@@ -98,13 +130,34 @@ class MixAndMatchCVAE(nn.Module):
         # z = mu + sigma * eps keeps the sampling differentiable in mu and logvar
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def decode(self, z, condition_h, sampled_indices):
+    def decode(self, z, condition_h, sampled_indices, data=None):
+        """Pixel probabilities of the top, (B, output_dim). The autoregressive decoder is
+        teacher-forced with the true top `data` (training, likelihoods) and generates its own
+        without it; the MLP decoder needs no top."""
         # the decoder sees the condition at I and the lifted latent at the complement Ī
-        fused = self.resampling(condition_h, self.decode_latent(z), sampled_indices)  # (B, hidden_dim)
-        return self.data_decoder(fused)  # (B, output_dim), pixel probabilities
+        fused = self.combine(condition_h, self.decode_latent(z), sampled_indices)
+        if self.config.decoder == "mlp":
+            return self.data_decoder(fused)
+        logits = self.data_decoder[:-1](fused)  # (B, output_dim), before the Sigmoid
+        weight = self.previous_pixels.weight * self.causal_mask  # no gradient reaches pixel i or later
+        if data is not None:
+            return torch.sigmoid(logits + data @ weight.T)  # every pixel from the true ones before it
+        return self.generate(logits, weight)
+
+    @staticmethod
+    def generate(logits, weight):
+        """The autoregressive decoder's top, pixel by pixel in raster order, each pixel fed back as
+        its own probability, so that z and the Sampling fix the completion (as a motion
+        decoder's noise fixes its future). Each new pixel adds its term to every later logit."""
+        logits, top = logits.clone(), torch.empty_like(logits)
+        for i in range(logits.shape[1]):
+            top[:, i] = torch.sigmoid(logits[:, i])
+            logits[:, i + 1:].addr_(top[:, i], weight[i + 1:, i])  # (B, pixels after i)
+        return top
 
     def forward(self, data, condition, alpha, curriculum_stage=None):
-        """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar)."""
+        """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar). The
+        reconstruction of the autoregressive decoder is teacher-forced with `data`."""
         self._check_width(data, self.config.input_dim, "data")
         self._check_width(condition, self.config.condition_dim, "condition")
         sampled_indices, _ = self.sampling(alpha, curriculum_stage)
@@ -112,19 +165,22 @@ class MixAndMatchCVAE(nn.Module):
         condition_h = self.condition_encoder(condition)  # (B, hidden_dim)
         mu, logvar = self.encode(data, condition_h, sampled_indices)
         z = self.reparameterize(mu, logvar)
-        return self.decode(z, condition_h, sampled_indices), mu, logvar
+        return self.decode(z, condition_h, sampled_indices, data), mu, logvar
 
     @torch.no_grad()
-    def sample(self, condition, alpha, z=None, temperature=1.0):
+    def sample(self, condition, alpha, z=None, temperature=1.0, sampled_indices=None):
         """Completions for each condition row, with z ~ N(0, temperature^2 I) unless given: the prior
-        at temperature 1, the tutorial's; lower trades diversity for typical completions."""
+        at temperature 1, the tutorial's; lower trades diversity for typical completions. A fresh
+        Sampling unless sampled_indices are given (sample.py holds one fixed to measure z alone)."""
         self._check_width(condition, self.config.condition_dim, "condition")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if z is None:
             z = temperature * torch.randn(condition.shape[0], self.config.latent_dim, device=condition.device)
         self._check_width(z, self.config.latent_dim, "z")
-        return self.decode(z, self.condition_encoder(condition), self.sampling(alpha)[0])
+        if sampled_indices is None:
+            sampled_indices = self.sampling(alpha)[0]
+        return self.decode(z, self.condition_encoder(condition), sampled_indices)
 
     @staticmethod
     def _check_width(x, width, name):

@@ -97,6 +97,8 @@ def run(parser, args):
     alpha = checkpoint["alpha"] if args.alpha is None else args.alpha
     if not 0 <= alpha <= model.config.hidden_dim:
         parser.error(f"--alpha must be in 0..{model.config.hidden_dim} for this checkpoint, got {alpha}")
+    if args.figure and model.config.conditioning == "concat":
+        parser.error(f"--figure draws a Sampling, and {checkpoint_path} is a concat model, which draws none")
 
     test_images, test_labels = load_mnist(args.data_root, train=False, device=device)
     for flag, value in [("--n-images", args.n_images), ("--n-eval", args.n_eval if args.metrics else 0)]:
@@ -116,15 +118,17 @@ def run(parser, args):
         # one classifier for every checkpoint, so that their quality scores compare
         classifier = load_or_train_classifier(classifier_path, args.data_root, device)
         accuracy = (classifier_log_probs(classifier, test_images).argmax(1) == test_labels).float().mean().item()
-        print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, alpha {alpha}, temperature "
+        print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, {model.config.decoder} decoder, "
+              f"alpha {alpha}, temperature "
               f"{args.temperature:g}; first {args.n_eval} test images, K = {args.n_samples} completions, "
               f"S = {args.n_importance} importance samples, seed {args.seed}; digit classifier test accuracy "
               f"{100 * accuracy:.2f}%")
         rows = evaluation_metrics(model, classifier, test_images[:args.n_eval], alpha, args.n_samples,
                                   args.n_importance, args.temperature)
-        print_metrics(rows)
+        print_metrics(rows, model.config.conditioning)
         if args.json:
-            save_json({"checkpoint": checkpoint_path, "conditioning": model.config.conditioning, "alpha": alpha,
+            save_json({"checkpoint": checkpoint_path, "conditioning": model.config.conditioning,
+                       "decoder": model.config.decoder, "alpha": alpha,
                        "train_alpha": checkpoint["alpha"], "train_seed": checkpoint.get("args", {}).get("seed"),
                        "temperature": args.temperature, "seed": args.seed, "n_eval": args.n_eval,
                        "n_samples": args.n_samples, "n_importance": args.n_importance,
@@ -135,10 +139,12 @@ def run(parser, args):
 
 
 @torch.no_grad()
-def complete(model, condition, alpha, n_samples, temperature=1.0):
+def complete(model, condition, alpha, n_samples, temperature=1.0, z=None, sampled_indices=None):
     """(N, n_samples, 784): generated tops on the real bottoms. One batched call per completion,
-    so that each has its own Sampling draw as well as its own latents."""
-    tops = torch.stack([model.sample(condition, alpha, temperature=temperature) for _ in range(n_samples)], dim=1)
+    so that each has its own Sampling draw as well as its own latents; a z (N, latent_dim) or
+    sampled_indices given are held fixed across the completions instead."""
+    tops = torch.stack([model.sample(condition, alpha, z, temperature, sampled_indices) for _ in range(n_samples)],
+                       dim=1)
     return join_image(tops, condition[:, None].expand(-1, n_samples, -1))
 
 
@@ -164,6 +170,12 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
     log_probs = classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2])
     scores = classifier_scores(log_probs)  # over the K completions of each image
     truth = classifier_scores(classifier_log_probs(classifier, images)[:, None])  # K = 1: the real top
+    # diversity by source (README, "Does Mix-and-Match keep the latent in use?"): one Sampling held
+    # for all K, so that only z differs; one z per image held for all K, so that only I differs
+    z_alone = complete(model, condition, alpha, n_samples, temperature, sampled_indices=model.sampling(alpha)[0])
+    one_z = temperature * torch.randn(len(images), model.config.latent_dim, device=images.device)
+    sampling_alone = complete(model, condition, alpha, n_samples, z=one_z)
+    no_sampling = model.config.conditioning != "mix-and-match"  # I never changes: 0 by construction
     rows = [
         ("rec_bce", "reconstruction BCE, 500 pixels (nats)", bce.mean(), None),
         ("kl", "KL (nats)", kl.mean(), None),
@@ -171,6 +183,10 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
         ("iw_nll", f"IW NLL -log p(top | bottom), S={n_importance} (nats)", importance_weighted_nll(log_w).mean(),
          None),
         ("diversity", f"diversity: mean distance between the K={n_samples}", diversity.mean(), None),
+        ("diversity_z", "diversity from z alone (one Sampling for the K)",
+         completion_distances(split_image(z_alone)[0], data)[0].mean(), None),
+        ("diversity_sampling", "diversity from the Sampling alone (one z for the K)",
+         None if no_sampling else completion_distances(split_image(sampling_alone)[0], data)[0].mean(), None),
         ("best_of_k", "best-of-K distance to the true top", best_error.mean(), None),
         ("mean_distance", "mean distance to the true top", mean_error.mean(), None),
         ("active_units", f"active latent units (of {model.config.latent_dim})", active_units(means), None),
@@ -179,16 +195,19 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
         ("distinct_digits", "distinct digits among the K", scores[2].mean(), truth[2].mean()),
         ("inception_score", "conditional Inception Score", scores[3].mean(), truth[3].mean()),
     ]
-    return [(key, name, value if isinstance(value, int) else float(value), None if ref is None else float(ref))
-            for key, name, value, ref in rows]
+    return [(key, name, value if value is None or isinstance(value, int) else float(value),
+             None if ref is None else float(ref)) for key, name, value, ref in rows]
 
 
-def print_metrics(rows):
-    print(f"{'metric (per image)':<48} {'model':>9} {'real top':>9}")
+def print_metrics(rows, conditioning):
+    print(f"{'metric (per image)':<52} {'model':>9} {'real top':>9}")
     for _, name, value, reference in rows:
         reference = "" if reference is None else f"{reference:9.3f}"
-        value = f"{value:9d}" if isinstance(value, int) else f"{value:9.3f}"
-        print(f"{name:<48} {value} {reference:>9}")
+        value = "n/a" if value is None else f"{value:9d}" if isinstance(value, int) else f"{value:9.3f}"
+        print(f"{name:<52} {value:>9} {reference:>9}")
+    if conditioning != "mix-and-match":  # the row left n/a above, rather than a zero that reads as a finding
+        why = "its I is always the first alpha indices" if conditioning == "fixed" else "it draws no Sampling"
+        print(f"n/a: {conditioning} conditioning: the Sampling alone gives no diversity by construction ({why})")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from torch.utils.data import DataLoader
 
-from model import CONDITIONINGS, MixAndMatchCVAE, ModelConfig
+from model import CONDITIONINGS, DECODERS, MixAndMatchCVAE, ModelConfig
 from utils import (
     TUTORIAL_ALPHA,
     get_device,
@@ -41,8 +42,10 @@ from utils import (
 ANNEAL_FUNCTION, ANNEAL_K, ANNEAL_X0 = "logistic", 0.002, 2500
 # the tutorial's values of the flags that --resume takes from the checkpoint when they are not given
 TUTORIAL = {"alpha": TUTORIAL_ALPHA, "hidden_dim": ModelConfig.hidden_dim, "latent_dim": ModelConfig.latent_dim,
-            "conditioning": ModelConfig.conditioning, "curriculum_step": 0, "lr": 1e-4, "batch_size": 128}
-MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "curriculum_step")  # fixed by a checkpoint
+            "conditioning": ModelConfig.conditioning, "decoder": ModelConfig.decoder, "curriculum_step": 0,
+            "lr": 1e-4, "batch_size": 128}
+# fixed by a checkpoint
+MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "decoder", "curriculum_step")
 # results/curves.png is redrawn once this many seconds have passed since its last drawing, and after
 # the last epoch: a drawing takes about 0.12 s (0.35 s the first, which imports matplotlib), against a
 # 1.7 s CPU epoch (tests/bench_train.py)
@@ -58,8 +61,12 @@ def main():
     parser.add_argument("--hidden-dim", type=positive_int, help="(default: 128)")
     parser.add_argument("--latent-dim", type=positive_int, help="(default: 32)")
     parser.add_argument("--conditioning", choices=CONDITIONINGS,
-                        help="mix-and-match: a random I per pass; fixed: I = the first alpha indices, "
-                             "the paper's deterministic baseline (default: mix-and-match)")
+                        help="mix-and-match: a random I per pass (the paper's); fixed: I = the first alpha "
+                             "indices, the paper's deterministic split; concat: the ordinary CVAE, no Sampling "
+                             "(default: mix-and-match)")
+    parser.add_argument("--decoder", choices=DECODERS,
+                        help="mlp: the tutorial's; autoregressive: each top pixel also sees the pixels before "
+                             "it (default: mlp)")
     parser.add_argument("--curriculum-step", type=int, metavar="N",
                         help="curriculum of perturbation (paper, section 3.3): stage floor(e / N) at "
                              "epoch e (from 0); 0 = off, the tutorial (default: 0)")
@@ -71,8 +78,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--resume", metavar="PATH",
                         help="continue a run exactly from its checkpoint: the model flags (--alpha, sizes, "
-                             "--conditioning, --curriculum-step), and --lr and --batch-size unless given, "
-                             "come from it")
+                             "--conditioning, --decoder, --curriculum-step), and --lr and --batch-size unless "
+                             "given, come from it")
     args = parser.parse_args()
 
     # everything a user can get wrong is checked here, before data is loaded or an epoch trained
@@ -82,8 +89,8 @@ def main():
     resolve_run_flags(args, checkpoint)
     if not 0 <= args.alpha <= args.hidden_dim:
         parser.error(f"--alpha must be in 0..{args.hidden_dim} (--hidden-dim), got {args.alpha}")
-    if args.curriculum_step < 0 or (args.curriculum_step and args.conditioning == "fixed"):
-        parser.error("--curriculum-step must be >= 0, and 0 with --conditioning fixed")
+    if args.curriculum_step < 0 or (args.curriculum_step and args.conditioning != "mix-and-match"):
+        parser.error("--curriculum-step must be >= 0, and 0 unless --conditioning mix-and-match")
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2: BatchNorm cannot normalise a batch of one image")
     if checkpoint and checkpoint["epoch"] >= args.epochs:
@@ -101,7 +108,8 @@ def main():
         if checkpoint:
             start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
         else:
-            config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, conditioning=args.conditioning)
+            config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, conditioning=args.conditioning,
+                                 decoder=args.decoder)
             model, start_epoch, step, history = MixAndMatchCVAE(config).to(device), 1, 0, []
         # fused: one kernel updates all parameters; the default per-parameter loop costs more than
         # this small model's arithmetic on a CPU (tests/bench_train.py)
@@ -114,8 +122,9 @@ def main():
                   f"cannot train on; it is skipped each epoch")
 
         save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
-        print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, alpha {args.alpha}, "
-              f"{args.conditioning} conditioning, curriculum step {args.curriculum_step or 'off'}")
+        sampling = "no Sampling" if args.conditioning == "concat" else f"alpha {args.alpha}"
+        print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, {sampling}, {args.conditioning} "
+              f"conditioning, {args.decoder} decoder, curriculum step {args.curriculum_step or 'off'}")
         curves_drawn = time.time()
         for epoch in range(start_epoch, args.epochs + 1):
             t0 = time.time()
@@ -167,7 +176,9 @@ def resolve_run_flags(args, checkpoint):
     --lr and --batch-size may change."""
     saved = {}
     if checkpoint:
-        saved = {**checkpoint["config"], "alpha": checkpoint["alpha"], "curriculum_step": checkpoint["curriculum_step"],
+        # through ModelConfig: a checkpoint from before --decoder existed gets its default, the MLP
+        saved = {**asdict(ModelConfig(**checkpoint["config"])), "alpha": checkpoint["alpha"],
+                 "curriculum_step": checkpoint["curriculum_step"],
                  **{name: checkpoint["args"][name] for name in ("lr", "batch_size") if name in checkpoint["args"]}}
     contradictions = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has {saved[name]})"
                       for name in MODEL_FLAGS if checkpoint and getattr(args, name) not in (None, saved[name])]

@@ -463,7 +463,7 @@ def posterior_draws(model, data, condition, alpha, n_importance):
         sampled_indices, _ = model.sampling(alpha)
         mu, logvar = model.encode(data, condition_h, sampled_indices)
         z = model.reparameterize(mu, logvar)
-        reconstruction = model.decode(z, condition_h, sampled_indices)
+        reconstruction = model.decode(z, condition_h, sampled_indices, data)  # teacher-forced: p(data | z, ...)
         bce.append(F.binary_cross_entropy(reconstruction, data, reduction="none").sum(1))
         kl.append(kl_divergence(mu, logvar))
         log_p, log_q = log_normal(z, torch.zeros_like(mu), torch.zeros_like(logvar)), log_normal(z, mu, logvar)

@@ -2,19 +2,28 @@
 Reproduce README's Results (not a test): train every run, measure each with
 `sample.py --metrics --json`, then write the tables and the figures from those JSONs alone.
 
-    python3 tests/reproduce_results.py --data-root ../shared/data
+    python3 tests/reproduce_results.py --data-root ../shared/data [--section results|latent-use]
 
+Section "results" (README, Results):
 - Seeds: mix-and-match, fixed and mix-and-match --curriculum-step 1, seeds 0, 1 and 2, with the
   tutorial's recipe; each measured at T = 1.
 - The frontier: each mode's seed-0 model at the temperatures TEMPERATURES; the default model at
   test-time alphas TEST_ALPHAS; mix-and-match and fixed trained at TRAIN_ALPHAS (seed 0), at T = 1.
+Section "latent-use" (README, "Does Mix-and-Match keep the latent in use?"):
+- mix-and-match, fixed and concat, each with the MLP and the autoregressive decoder, seeds 0, 1
+  and 2 (the MLP's mix-and-match and fixed are the runs of "results"); the autoregressive seed-0
+  runs continued to LONG_EPOCHS; each measured at T = 1.
 
 The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
 and a training that was interrupted resumes from its newest checkpoint, so the same command
-continues an interrupted reproduction. Writes results/reproduce/results.md (README's tables),
-samples/frontier.png, samples/kl_curves.png and the seed-0 completion grids samples/sampled*.png.
+continues an interrupted reproduction. Two of them may run at once (one per core, each with
+OMP_NUM_THREADS=1): a run one is training (its train.lock) is left to it, and the tables are
+written by the one that finds every run done. Writes results/reproduce/results.md and latent_use.md
+(README's tables), samples/frontier.png, samples/kl_curves.png, samples/kl_autoregressive.png
+and the seed-0 completion grids samples/sampled*.png.
 """
 import argparse
+import contextlib
 import glob
 import itertools
 import json
@@ -38,6 +47,11 @@ TEMPERATURES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # unt
 TEST_ALPHAS, TEST_ALPHA_TEMPERATURES = (32, 96), (1.0, 1.5)  # the default model, sampled with another alpha
 TRAIN_ALPHAS = (16, 32, 96, 112)  # 64, the default, is the seed runs
 EPOCHS = 50
+# latent use: every conditioning with each decoder (run names "concat-seed0", "ar-fixed-seed1", ...)
+CONDITIONINGS = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "concat": ["--conditioning", "concat"]}
+DECODERS = {"mlp": ("", []), "autoregressive": ("ar-", ["--decoder", "autoregressive"])}  # run-name prefix, flags
+LONG_EPOCHS = 200  # the autoregressive KLs still fall at epoch 50
+SECTIONS = ("results", "latent-use")
 
 
 def main():
@@ -45,43 +59,85 @@ def main():
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     parser.add_argument("--runs-dir", default=os.path.join(REPO, "results", "reproduce"),
                         help="where the runs live (default: results/reproduce)")
+    parser.add_argument("--section", choices=SECTIONS,
+                        help="reproduce one section of README only (default: both)")
     args = parser.parse_args()
+    sections = [args.section] if args.section else SECTIONS
     t0 = time.time()
-    trainings, measures = training_runs(), measurements()
-    for i, (name, flags) in enumerate(trainings.items(), 1):
-        train(args, name, flags, f"[{i}/{len(trainings)}]")
-    for i, (name, (run, flags)) in enumerate(measures.items(), 1):
-        measure(args, name, run, flags, f"[{i}/{len(measures)}]")
+    trainings, measures = {}, {}
+    for section in sections:
+        trainings.update(training_runs(section))
+        measures.update(measurements(section))
+    pending = [name for i, (name, (flags, epochs, start)) in enumerate(trainings.items(), 1)
+               if not train(args, name, flags, epochs, start, f"[{i}/{len(trainings)}]")]
+    pending += [name for i, (name, (run_name, flags)) in enumerate(measures.items(), 1)
+                if not measure(args, name, run_name, flags, f"[{i}/{len(measures)}]")]
+    if pending:
+        sys.exit(f"another reproduction is working on {', '.join(pending)}: run this command again once it "
+                 f"has ended, to finish those and write the tables")
 
     metrics = {}
     for name in measures:
         with open(os.path.join(args.runs_dir, "metrics", f"{name}.json")) as f:
             metrics[name] = json.load(f)
-    tables = "\n\n".join([seed_table(metrics), differences_table(metrics), frontier_table(metrics)])
-    with open(os.path.join(args.runs_dir, "results.md"), "w") as f:
+    samples = os.path.join(REPO, "samples")
+    if "results" in sections:
+        write_tables(os.path.join(args.runs_dir, "results.md"),
+                     [seed_table(metrics), differences_table(metrics), frontier_table(metrics)])
+        plot_frontier(metrics, os.path.join(samples, "frontier.png"))
+        plot_history({mode: checkpoint_history(args, f"{mode}-seed0") for mode in MODES},
+                     os.path.join(samples, "kl_curves.png"))
+        copy_grids(args, {"mix-and-match": "sampled.png", "fixed": "sampled_fixed.png",
+                          "curriculum": "sampled_curriculum.png"})
+    if "latent-use" in sections:
+        write_tables(os.path.join(args.runs_dir, "latent_use.md"),
+                     [latent_table(metrics), latent_differences_table(metrics), long_table(metrics)])
+        plot_history({f"autoregressive, {mode}": checkpoint_history(args, f"ar-{mode}-seed0-long", LONG_EPOCHS)
+                      for mode in CONDITIONINGS}, os.path.join(samples, "kl_autoregressive.png"))
+        copy_grids(args, {f"ar-{mode}": f"sampled_ar_{mode}.png" for mode in CONDITIONINGS})
+    print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
+
+
+def write_tables(path, tables):
+    tables = "\n\n".join(tables)
+    with open(path, "w") as f:
         f.write(tables + "\n")
     print(tables)
-    plot_frontier(metrics, os.path.join(REPO, "samples", "frontier.png"))
-    plot_history({mode: checkpoint_history(args, f"{mode}-seed0") for mode in MODES},
-                 os.path.join(REPO, "samples", "kl_curves.png"))
-    for mode, grid in [("mix-and-match", "sampled.png"), ("fixed", "sampled_fixed.png"),
-                       ("curriculum", "sampled_curriculum.png")]:
-        shutil.copyfile(os.path.join(args.runs_dir, "metrics", f"{mode}-seed0-T1.png"),
+
+
+def copy_grids(args, grids):
+    """The T = 1 completion grid of each seed-0 run ({run prefix: file name}) into samples/."""
+    for prefix, grid in grids.items():
+        shutil.copyfile(os.path.join(args.runs_dir, "metrics", f"{prefix}-seed0-T1.png"),
                         os.path.join(REPO, "samples", grid))
-    print(f"wrote {args.runs_dir}/results.md and samples/: frontier.png, kl_curves.png, sampled*.png; "
-          f"{(time.time() - t0) / 60:.1f} min")
 
 
-def training_runs():
-    """{run name: train.py flags} for every training run."""
+def latent_runs():
+    """{run name: train.py flags} of the latent-use grid: conditioning x decoder x seed."""
+    return {f"{prefix}{mode}-seed{seed}": [*flags, *decoder_flags, "--seed", str(seed)]
+            for prefix, decoder_flags in DECODERS.values() for mode, flags in CONDITIONINGS.items() for seed in SEEDS}
+
+
+def training_runs(section):
+    """{run name: (train.py flags, epochs, the run it continues or None)} for a section's trainings."""
+    if section == "latent-use":
+        # the longest chains first (seed 0, then its continuation), so that two reproductions share the work
+        runs = {f"ar-{mode}-seed0": (latent_runs()[f"ar-{mode}-seed0"], EPOCHS, None) for mode in CONDITIONINGS}
+        runs.update({f"ar-{mode}-seed0-long": ([], LONG_EPOCHS, f"ar-{mode}-seed0") for mode in CONDITIONINGS})
+        runs.update({name: (flags, EPOCHS, None) for name, flags in latent_runs().items() if name not in runs})
+        return runs
     runs = {f"{mode}-seed{seed}": [*flags, "--seed", str(seed)] for mode, flags in MODES.items() for seed in SEEDS}
     runs.update({f"{mode}-alpha{alpha}": [*MODES[mode], "--alpha", str(alpha)]
                  for mode in ("mix-and-match", "fixed") for alpha in TRAIN_ALPHAS})
-    return runs
+    return {name: (flags, EPOCHS, None) for name, flags in runs.items()}
 
 
-def measurements():
-    """{measurement name: (run name, sample.py flags)} for every metrics run."""
+def measurements(section):
+    """{measurement name: (run name, sample.py flags)} for a section's metrics runs."""
+    if section == "latent-use":
+        todo = {f"{name}-T1": (name, []) for name in latent_runs()}
+        todo.update({f"ar-{mode}-seed0-long-T1": (f"ar-{mode}-seed0-long", []) for mode in CONDITIONINGS})
+        return todo
     todo = {f"{mode}-seed{seed}-T1": (f"{mode}-seed{seed}", []) for mode in MODES for seed in SEEDS}
     todo.update({f"{mode}-seed0-T{t:g}": (f"{mode}-seed0", ["--temperature", f"{t:g}"])
                  for mode in MODES for t in TEMPERATURES})
@@ -93,28 +149,64 @@ def measurements():
     return todo
 
 
-def final_checkpoint(args, run):
-    return os.path.join(args.runs_dir, run, "checkpoint", f"mix_match_{EPOCHS:02d}.pth")
+def final_checkpoint(args, run, epochs=None):
+    epochs = epochs or (LONG_EPOCHS if run.endswith("-long") else EPOCHS)
+    return os.path.join(args.runs_dir, run, "checkpoint", f"mix_match_{epochs:02d}.pth")
 
 
-def train(args, name, flags, progress):
-    if os.path.isfile(final_checkpoint(args, name)):
-        return
+def train(args, name, flags, epochs, start, progress):
+    """Train one run to `epochs`; a run that continues another (`start`) begins from that run's last
+    checkpoint, in a folder of its own so that the shorter run stays as it was. Returns whether the
+    run is done (False: another reproduction is training it, or the run it continues)."""
+    if os.path.isfile(final_checkpoint(args, name, epochs)):
+        return True
+    if start and not os.path.isfile(final_checkpoint(args, start)):
+        print(f"{progress} {name}: waits for {start}, which another reproduction is training")
+        return False
     folder = os.path.join(args.runs_dir, name)
-    done = sorted(glob.glob(os.path.join(folder, "checkpoint", "mix_match_*.pth")))
-    resume = ["--resume", done[-1]] if done else []  # an interrupted reproduction continues the run
-    run(f"{progress} training {name}" + (f", from {done[-1]}" if done else ""), os.path.join(folder, "train.log"),
-        "train.py", "--data-root", args.data_root, "--checkpoint-dir", os.path.join(folder, "checkpoint"),
-        "--results-dir", os.path.join(folder, "results"), "--epochs", str(EPOCHS), *flags, *resume)
+    with claimed(os.path.join(folder, "train.lock"), f"{progress} {name}") as mine:
+        if mine:
+            done = sorted(glob.glob(os.path.join(folder, "checkpoint", "mix_match_*.pth")))
+            # an interrupted reproduction continues the run
+            resume = done[-1] if done else final_checkpoint(args, start) if start else None
+            run(f"{progress} training {name}" + (f", from {resume}" if resume else ""),
+                os.path.join(folder, "train.log"), "train.py", "--data-root", args.data_root, "--checkpoint-dir",
+                os.path.join(folder, "checkpoint"), "--results-dir", os.path.join(folder, "results"),
+                "--epochs", str(epochs), *flags, *(["--resume", resume] if resume else []))
+    return mine
 
 
 def measure(args, name, run_name, flags, progress):
+    """Measure one run; returns whether the measurement is done (False: its run is not, or another
+    reproduction is measuring it)."""
     folder = os.path.join(args.runs_dir, "metrics")
     if os.path.isfile(os.path.join(folder, f"{name}.json")):
+        return True
+    if not os.path.isfile(final_checkpoint(args, run_name)):
+        return False
+    with claimed(os.path.join(folder, f"{name}.lock"), f"{progress} {name}") as mine:
+        if mine:
+            run(f"{progress} measuring {name}", os.path.join(folder, f"{name}.log"), "sample.py", "--data-root",
+                args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
+                "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"), *flags)
+    return mine
+
+
+@contextlib.contextmanager
+def claimed(lock, what):
+    """Yields True while this process holds `lock` (a file made with O_EXCL, removed at the end,
+    Ctrl-C included), False if another reproduction holds it."""
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        print(f"{what}: another reproduction is on it (delete {lock} if none is running)")
+        yield False
         return
-    run(f"{progress} measuring {name}", os.path.join(folder, f"{name}.log"), "sample.py", "--data-root",
-        args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
-        "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"), *flags)
+    try:
+        yield True
+    finally:
+        os.remove(lock)
 
 
 def run(what, log, script, *script_args):
@@ -133,8 +225,8 @@ def run(what, log, script, *script_args):
                  f"Fix the cause and run this command again: it continues where it stopped.")
 
 
-def checkpoint_history(args, run):
-    return torch.load(final_checkpoint(args, run), weights_only=True)["history"]
+def checkpoint_history(args, run, epochs=EPOCHS):
+    return torch.load(final_checkpoint(args, run, epochs), weights_only=True)["history"]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -148,6 +240,23 @@ def mean_sd(values):
     return statistics.mean(values), statistics.stdev(values)
 
 
+def mean_sd_cell(values):
+    """'mean ± sd', or 'n/a' for a measure the conditioning does not have (diversity from the
+    Sampling alone where I never changes)."""
+    return "n/a" if None in values else "{:.3f} ± {:.3f}".format(*mean_sd(values))
+
+
+def difference_cells(metrics, key, a, b):
+    """a's mean minus b's over the seeds, twice the larger of their sds, and whether the difference
+    is the larger (the only differences README reads as findings)."""
+    values_a, values_b = seed_values(metrics, a, key), seed_values(metrics, b, key)
+    if None in values_a or None in values_b:
+        return "n/a | | "
+    (mean_a, sd_a), (mean_b, sd_b) = mean_sd(values_a), mean_sd(values_b)
+    difference, spread = mean_a - mean_b, 2 * max(sd_a, sd_b)
+    return f"{difference:+.3f} | {spread:.3f} | {'yes' if abs(difference) > spread else 'no'}"
+
+
 def seed_table(metrics):
     """README's Results table: each metric of sample.py --metrics as mean ± sd over the seeds, per
     mode; the real tops' value (the same for every run: one classifier, one test set); and the
@@ -156,7 +265,7 @@ def seed_table(metrics):
     lines = [f"| metric (per test image), mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
              + " | ".join(MODES) + " | real top | shipped model (seed 0) |", "|---|" + "---:|" * (len(MODES) + 2)]
     for key, row in shipped.items():
-        cells = ["{:.3f} ± {:.3f}".format(*mean_sd(seed_values(metrics, mode, key))) for mode in MODES]
+        cells = [mean_sd_cell(seed_values(metrics, mode, key)) for mode in MODES]
         real = "" if row["real_top"] is None else f"{row['real_top']:.3f}"
         value = f"{row['model']:d}" if isinstance(row["model"], int) else f"{row['model']:.3f}"
         lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + f" | {real} | {value} |")
@@ -170,12 +279,64 @@ def differences_table(metrics):
     lines = ["| metric | " + " | ".join(f"{a} − {b} | 2 × sd | beyond?" for a, b in pairs) + " |",
              "|---|" + "---:|---:|:---:|" * len(pairs)]
     for key, row in metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"].items():
-        cells = []
-        for a, b in pairs:
-            (mean_a, sd_a), (mean_b, sd_b) = (mean_sd(seed_values(metrics, mode, key)) for mode in (a, b))
-            difference, spread = mean_a - mean_b, 2 * max(sd_a, sd_b)
-            cells.append(f"{difference:+.3f} | {spread:.3f} | {'yes' if abs(difference) > spread else 'no'}")
+        cells = [difference_cells(metrics, key, a, b) for a, b in pairs]
         lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# the measures of latent use, and what it costs or buys (README, "Does Mix-and-Match keep the latent in use?")
+LATENT_KEYS = ("kl", "active_units", "diversity_z", "diversity_sampling", "diversity", "iw_nll", "neg_elbo",
+               "best_of_k", "confidence", "distinct_digits")
+
+
+def latent_columns():
+    """(column label, run-name prefix) of each decoder and conditioning."""
+    return [(f"{decoder}, {mode}", f"{prefix}{mode}") for decoder, (prefix, _) in DECODERS.items()
+            for mode in CONDITIONINGS]
+
+
+def latent_table(metrics):
+    """Each latent-use measure as mean ± sd over the seeds, per decoder and conditioning."""
+    names = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
+    lines = [f"| metric (per test image), mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
+             + " | ".join(label for label, _ in latent_columns()) + " |",
+             "|---|" + "---:|" * len(latent_columns())]
+    for key in LATENT_KEYS:
+        cells = [mean_sd_cell(seed_values(metrics, prefix, key)) for _, prefix in latent_columns()]
+        lines.append(f"| {markdown(names[key]['name'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def latent_differences_table(metrics):
+    """Mix-and-Match against each deterministic conditioning with the same decoder, and each
+    conditioning's autoregressive decoder against its MLP one, beside twice the seed spread."""
+    pairs = [("ar-mix-and-match", f"ar-{mode}") for mode in CONDITIONINGS if mode != "mix-and-match"]
+    pairs += [("mix-and-match", mode) for mode in CONDITIONINGS if mode != "mix-and-match"]
+    pairs += [(f"ar-{mode}", mode) for mode in CONDITIONINGS]
+    names = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
+    lines = ["| a − b | " + " | ".join(markdown(names[key]["name"]) for key in LATENT_KEYS) + " |",
+             "|---|" + "---:|" * len(LATENT_KEYS)]
+    for a, b in pairs:
+        cells = []
+        for key in LATENT_KEYS:
+            difference, spread, beyond = difference_cells(metrics, key, a, b).split(" | ")
+            cells.append(difference if difference == "n/a" else f"{difference} ({spread}{', yes' * (beyond == 'yes')})")
+        label = f"{a.replace('ar-', 'autoregressive ')} − {b.replace('ar-', 'autoregressive ')}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def long_table(metrics):
+    """The autoregressive seed-0 runs at EPOCHS and at LONG_EPOCHS."""
+    names = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
+    columns = [(f"{mode}, epoch {epochs}", f"ar-{mode}-seed0{suffix}-T1") for mode in CONDITIONINGS
+               for epochs, suffix in [(EPOCHS, ""), (LONG_EPOCHS, "-long")]]
+    lines = ["| autoregressive decoder, seed 0 | " + " | ".join(label for label, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for key in LATENT_KEYS:
+        values = [metrics[name]["metrics"][key]["model"] for _, name in columns]
+        cells = ["n/a" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.3f}" for v in values]
+        lines.append(f"| {markdown(names[key]['name'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ def hand_made(name, flags):
 
 
 def metrics():
-    return {name: hand_made(name, flags) for name, (_, flags) in measurements().items()}
+    return {name: hand_made(name, flags) for name, (_, flags) in measurements("results").items()}
 
 
 def test_seed_table_is_mean_and_sd_over_the_seeds_with_the_real_tops():
