@@ -16,17 +16,22 @@ import torch
 from utils import (
     active_units,
     check_output_file,
+    classifier_features,
     classifier_log_probs,
     classifier_scores,
     completion_distances,
     figure_formats,
+    frechet_distance,
     get_device,
     image_formats,
     importance_weighted_nll,
     join_image,
     load_checkpoint,
     load_mnist,
+    load_or_find_neighbours,
     load_or_train_classifier,
+    manifold_measures,
+    multimodal_distances,
     newest_checkpoint,
     plot_sampling_resampling,
     positive_float,
@@ -40,6 +45,13 @@ from utils import (
 )
 
 CHECKPOINT_DIR = "checkpoint"
+# pseudo ground truths per test bottom for the conditional measures: the 10th nearest training
+# bottom is still a third of a random pair's distance away (median 1.87 against 5.63 on MNIST)
+# and barely farther than the nearest (1.39); beyond, the neighbours' digits agree less
+NEIGHBOURS = 10
+# fidelity and coverage need this many test images left out of --n-eval as the real set: k-NN
+# balls of k = 5 need 6 points
+MIN_HELD_OUT = 6
 
 
 def main():
@@ -81,8 +93,9 @@ def run(parser, args):
     if args.figure:
         check_output_file(args.figure, "--figure", figure_formats())
     classifier_path = os.path.join(CHECKPOINT_DIR, "digit_classifier.pth")
-    if args.metrics and not os.path.isfile(classifier_path):
-        writable_dir(CHECKPOINT_DIR, "the digit classifier's cache folder")
+    neighbours_path = os.path.join(CHECKPOINT_DIR, "mnist_neighbours.pth")
+    if args.metrics and not (os.path.isfile(classifier_path) and os.path.isfile(neighbours_path)):
+        writable_dir(CHECKPOINT_DIR, "the metrics' cache folder")
     if args.metrics and args.n_samples < 2:
         parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
     if args.json and not args.metrics:
@@ -101,9 +114,11 @@ def run(parser, args):
         parser.error(f"--figure draws a Sampling, and {checkpoint_path} is a concat model, which draws none")
 
     test_images, test_labels = load_mnist(args.data_root, train=False, device=device)
-    for flag, value in [("--n-images", args.n_images), ("--n-eval", args.n_eval if args.metrics else 0)]:
-        if value > len(test_images):
-            parser.error(f"{flag} must be at most {len(test_images)}, the test set's size")
+    if args.n_images > len(test_images):
+        parser.error(f"--n-images must be at most {len(test_images)}, the test set's size")
+    if args.metrics and args.n_eval > len(test_images) - MIN_HELD_OUT:
+        parser.error(f"--n-eval must be at most {len(test_images) - MIN_HELD_OUT}: the fidelity measures "
+                     f"compare the completions with the test images left out ({MIN_HELD_OUT} at least)")
     images = test_images[:args.n_images]
     grid = completion_grid(model, images, alpha, args.n_samples, args.temperature)
     save_image_grid(grid.flatten(0, 1), args.out, nrow=grid.shape[1])
@@ -115,16 +130,22 @@ def run(parser, args):
         print(f"wrote {args.figure}")
 
     if args.metrics:
-        # one classifier for every checkpoint, so that their quality scores compare
+        # one classifier, and one set of bottom neighbours, for every checkpoint, so that their scores compare
         classifier = load_or_train_classifier(classifier_path, args.data_root, device)
+        train_images = load_mnist(args.data_root, train=True, device=device)[0]
+        neighbours, threshold = load_or_find_neighbours(neighbours_path, args.data_root, test_images, train_images,
+                                                        NEIGHBOURS)
         accuracy = (classifier_log_probs(classifier, test_images).argmax(1) == test_labels).float().mean().item()
         print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, {model.config.decoder} decoder, "
               f"alpha {alpha}, temperature "
               f"{args.temperature:g}; first {args.n_eval} test images, K = {args.n_samples} completions, "
               f"S = {args.n_importance} importance samples, seed {args.seed}; digit classifier test accuracy "
               f"{100 * accuracy:.2f}%")
+        real = {"held_out": test_images[args.n_eval:], "train": train_images, "threshold": threshold,
+                "neighbour_tops": split_image(train_images[neighbours[:args.n_eval]])[0]}
+        set_seed(args.seed)  # the metrics' own draws: the grid, --figure and --n-images do not move them
         rows = evaluation_metrics(model, classifier, test_images[:args.n_eval], alpha, args.n_samples,
-                                  args.n_importance, args.temperature)
+                                  args.n_importance, args.temperature, real)
         print_metrics(rows, model.config.conditioning)
         if args.json:
             save_json({"checkpoint": checkpoint_path, "conditioning": model.config.conditioning,
@@ -158,11 +179,15 @@ def completion_grid(model, images, alpha, n_samples, temperature=1.0):
 
 
 @torch.no_grad()
-def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance, temperature=1.0):
+def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance, temperature, real):
     """The paper's measures adapted to MNIST completion (README, Results), per image, averaged
     over the images: rows of (key, name, model's value, real top's value or None). The
     likelihoods use the model's prior; the completions (diversity, best-of-K, the classifier's
-    measures) decode z ~ N(0, temperature^2 I). The real tops give the classifier's reference."""
+    measures) decode z ~ N(0, temperature^2 I). The real tops give the classifier's reference.
+
+    `real` holds what the completions are compared with: "held_out", test images not among
+    `images`; "train", training images; "neighbour_tops" (N, M, 500), the tops of each image's
+    bottom neighbours, and the "threshold" of the conditional coverage."""
     data, condition = split_image(images)
     log_w, bce, kl, means = posterior_draws(model, data, condition, alpha, n_importance)
     completed = complete(model, condition, alpha, n_samples, temperature)  # (N, K, 784)
@@ -176,6 +201,10 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
     one_z = temperature * torch.randn(len(images), model.config.latent_dim, device=images.device)
     sampling_alone = complete(model, condition, alpha, n_samples, z=one_z)
     no_sampling = model.config.conditioning != "mix-and-match"  # I never changes: 0 by construction
+    fidelity, fidelity_of_real = fidelity_rows(classifier, completed, real)
+    neighbour_tops, threshold = real["neighbour_tops"], real["threshold"]
+    multimodal = multimodal_distances(split_image(completed)[0], neighbour_tops, threshold)
+    multimodal_of_truth = multimodal_distances(data[:, None], neighbour_tops, threshold)  # K = 1: the real top
     rows = [
         ("rec_bce", "reconstruction BCE, 500 pixels (nats)", bce.mean(), None),
         ("kl", "KL (nats)", kl.mean(), None),
@@ -194,9 +223,32 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
         ("confident_share", "share with confidence >= 0.9", scores[1].mean(), truth[1].mean()),
         ("distinct_digits", "distinct digits among the K", scores[2].mean(), truth[2].mean()),
         ("inception_score", "conditional Inception Score", scores[3].mean(), truth[3].mean()),
+        *[(key, name, fidelity[key], fidelity_of_real[key]) for key, name in FIDELITY_NAMES.items()],
+        ("mm_best_of_k", f"multi-modal best-of-K to M={neighbour_tops.shape[1]} neighbour tops",
+         multimodal[0].mean(), multimodal_of_truth[0].mean()),
+        ("mm_coverage", f"share of neighbour tops within {threshold:.2f} of one", multimodal[1].mean(),
+         multimodal_of_truth[1].mean()),
     ]
     return [(key, name, value if value is None or isinstance(value, int) else float(value),
              None if ref is None else float(ref)) for key, name, value, ref in rows]
+
+
+FIDELITY_NAMES = {"precision": "precision, k=3 (fidelity)", "recall": "recall, k=3 (coverage)",
+                  "density": "density, k=5 (fidelity)", "coverage": "coverage, k=5",
+                  "frechet": "Fréchet distance, classifier features"}
+
+
+def fidelity_rows(classifier, completed, real):
+    """Fidelity and coverage of the completed images (N, K, 784) against real test images they do
+    not share a bottom with, in the classifier's features; and, for reference, of real training
+    images in their place. Every set has the same size n, the smallest of the three (9000 with
+    the defaults: the 9000 test images left out of 1000 evaluated, against the first 9 of the 18
+    completions of each), since k-NN balls shrink as a set grows."""
+    n = min(completed.shape[0] * completed.shape[1], len(real["held_out"]), len(real["train"]))
+    fake = completed.transpose(0, 1).flatten(0, 1)[:n]  # completion k of every image before completion k + 1
+    held_out, fake, train = (classifier_features(classifier, x) for x in (real["held_out"][:n], fake,
+                                                                          real["train"][:n]))
+    return [{**manifold_measures(held_out, x), "frechet": frechet_distance(held_out, x)} for x in (fake, train)]
 
 
 def print_metrics(rows, conditioning):

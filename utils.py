@@ -542,15 +542,10 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
     seed, so whether it was cached does not change the random draws of the metrics that follow."""
     classifier = digit_classifier().to(device)
     fingerprint = mnist_fingerprint(data_root)
-    if os.path.isfile(path):
-        try:
-            cached = torch.load(path, map_location=device, weights_only=True)
-            if cached.get("mnist_sha256") == fingerprint:
-                classifier.load_state_dict(cached["model"])
-                return classifier.eval()
-            print(f"retraining the digit classifier: {path} was trained on other MNIST files")
-        except Exception as e:  # noqa: BLE001 (a broken cache, whatever the breakage, is only a cache)
-            print(f"retraining the digit classifier: cannot read {path} ({type(e).__name__})")
+    cached = load_cache(path, fingerprint, device, "retraining the digit classifier")
+    if cached is not None:
+        classifier.load_state_dict(cached["model"])
+        return classifier.eval()
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
     train_images, train_labels = load_mnist(data_root, train=True, device=device)
     with torch.random.fork_rng():  # the CPU's and the CUDA devices' generators
@@ -569,6 +564,22 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
     return classifier.eval()
 
 
+def load_cache(path, fingerprint, device, redo):
+    """What a cache file made from the MNIST files `fingerprint` holds, or None after printing why
+    it is made again (`redo`): missing, made from other files (another --data-root), or unreadable
+    (a broken cache, whatever the breakage, is only a cache)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        cached = torch.load(path, map_location=device, weights_only=True)
+        if cached.get("mnist_sha256") == fingerprint:
+            return cached
+        print(f"{redo}: {path} was made from other MNIST files")
+    except Exception as e:  # noqa: BLE001
+        print(f"{redo}: cannot read {path} ({type(e).__name__})")
+    return None
+
+
 def mnist_fingerprint(root):
     """SHA-256 of the four raw MNIST files under root (50 ms): the data a classifier learnt."""
     digest = hashlib.sha256()
@@ -582,3 +593,95 @@ def mnist_fingerprint(root):
 @torch.no_grad()
 def classifier_log_probs(classifier, images, batch_size=2000):
     return torch.cat([F.log_softmax(classifier(batch), dim=1) for batch in images.split(batch_size)])
+
+
+# ------------------------------------------------------------------ fidelity and coverage (sample.py --metrics)
+
+def classifier_features(classifier, images, batch_size=2000):
+    """The digit classifier's penultimate layer: the 128 ReLU units its last Linear reads the digit
+    from. Digits that the classifier tells apart lie apart here, and it was trained on MNIST, so
+    this space plays for digits the part Inception's last pooling layer plays for photos in FID."""
+    with torch.no_grad():
+        return torch.cat([classifier[:-2](batch) for batch in images.split(batch_size)])  # (B, 128)
+
+
+def knn_radii(points, k):
+    """Distance from each point (P, F) to its k-th nearest neighbour among the others: the radius
+    of its k-NN ball, the estimate of the manifold of its set near it."""
+    return torch.cdist(points, points).kthvalue(k + 1, dim=1).values  # the 1st nearest is the point itself
+
+
+def manifold_measures(real, fake):
+    """Fidelity and coverage of the fake set against the real one (equal sizes; features (P, F)):
+    - improved precision and recall (Kynkäänniemi et al. 2019, k = 3): the share of fake points
+      inside the k-NN ball of some real point, and of real points inside that of some fake point;
+    - density and coverage (Naeem et al. 2020, k = 5): how many real balls hold each fake point,
+      over k (about 1 for a fake set like the real one, more where fakes crowd a mode, and an
+      outlier among the reals, whose ball is wide, adds little); and the share of real points
+      whose ball holds some fake point (a ball around a real point, not a wide fake one)."""
+    distances = torch.cdist(fake, real)  # (fake, real)
+    in_real_balls = {k: distances <= knn_radii(real, k)[None] for k in (3, 5)}
+    return {"precision": in_real_balls[3].any(1).float().mean(),
+            "recall": (distances <= knn_radii(fake, 3)[:, None]).any(0).float().mean(),
+            "density": in_real_balls[5].sum(1).float().mean() / 5,
+            "coverage": in_real_balls[5].any(0).float().mean()}
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to the points a and b (P, F) (FID, Heusel et al.
+    2017, here in the digit classifier's features), in float64."""
+    a, b = a.double(), b.double()
+    return gaussian_frechet_distance(a.mean(0), covariance(a), b.mean(0), covariance(b))
+
+
+def covariance(points):
+    """(F, F) sample covariance (n - 1) of points (P, F); torch.cov's checks need values, which the
+    meta device of tests/test_devices.py does not have."""
+    centred = points - points.mean(0)
+    return centred.T @ centred / (len(points) - 1)
+
+
+def gaussian_frechet_distance(mu_a, cov_a, mu_b, cov_b):
+    """|mu_a - mu_b|^2 + Tr(cov_a + cov_b - 2 (cov_a cov_b)^(1/2)). The trace of the square root is
+    the sum of the square roots of the eigenvalues of cov_a^(1/2) cov_b cov_a^(1/2), a symmetric
+    matrix with the same eigenvalues, so torch's eigh does it (no scipy.linalg.sqrtm)."""
+    values, vectors = torch.linalg.eigh(cov_a)
+    sqrt_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
+    return (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross
+
+
+def bottom_neighbours(test_images, train_images, m, batch_size=250):
+    """Indices (N, m) of the m training images whose bottoms are nearest (Euclidean, over the 284
+    pixels) to each test image's: their tops are what is plausible for that bottom, its pseudo
+    ground truths (multi-modal ADE in motion prediction)."""
+    train_bottoms = split_image(train_images)[1]
+    return torch.cat([torch.cdist(split_image(batch)[1], train_bottoms).topk(m, dim=1, largest=False).indices
+                      for batch in test_images.split(batch_size)])
+
+
+def load_or_find_neighbours(path, data_root, test_images, train_images, m):
+    """(indices (N_test, m) of each test image's bottom neighbours, threshold), cached at `path` for
+    the MNIST files they were found in (4 s per 1000 test images on 2 CPU cores, so once per data
+    set, not per checkpoint). The threshold of the conditional coverage is the median distance from
+    a test image's true top to the nearest of its neighbours' tops: a completion reaches a
+    plausible top when it comes as close to it as the real top comes to the nearest other."""
+    fingerprint = mnist_fingerprint(data_root)
+    cached = load_cache(path, fingerprint, test_images.device, "finding the bottom neighbours again")
+    if cached is not None and cached["indices"].shape == (len(test_images), m):
+        return cached["indices"], cached["threshold"]
+    print(f"finding the {m} training images nearest to each test image by its bottom once, cached at {path}",
+          flush=True)
+    indices = bottom_neighbours(test_images, train_images, m)
+    tops, neighbour_tops = split_image(test_images)[0], split_image(train_images[indices])[0]
+    threshold = (neighbour_tops - tops[:, None]).norm(dim=2).min(1).values.median().item()
+    atomic_save({"indices": indices, "threshold": threshold, "mnist_sha256": fingerprint}, path)
+    return indices, threshold
+
+
+def multimodal_distances(completions, neighbour_tops, threshold):
+    """completions (N, K, D), neighbour_tops (N, M, D). Per condition (N,): the multi-modal best-of-K,
+    the mean over the M neighbours of the distance from the completion closest to it; and the
+    conditional coverage, the share of the M that some completion comes within `threshold` of."""
+    closest = torch.cdist(neighbour_tops, completions).min(2).values  # (N, M)
+    return closest.mean(1), (closest <= threshold).float().mean(1)

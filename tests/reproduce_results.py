@@ -51,7 +51,7 @@ EPOCHS = 50
 CONDITIONINGS = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "concat": ["--conditioning", "concat"]}
 DECODERS = {"mlp": ("", []), "autoregressive": ("ar-", ["--decoder", "autoregressive"])}  # run-name prefix, flags
 LONG_EPOCHS = 200  # the autoregressive KLs still fall at epoch 50
-SECTIONS = ("results", "latent-use")
+SECTIONS = ("latent-use", "results")  # the longest chains of runs first
 
 
 def main():

@@ -14,10 +14,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import run_script
-from model import MixAndMatchCVAE
+from model import MixAndMatchCVAE, ModelConfig
 from sample import completion_grid, evaluation_metrics
 from train import evaluate, train_epoch
-from utils import digit_classifier, load_or_train_classifier, posterior_draws, split_image
+from utils import (
+    bottom_neighbours,
+    digit_classifier,
+    frechet_distance,
+    load_or_train_classifier,
+    manifold_measures,
+    multimodal_distances,
+    posterior_draws,
+    split_image,
+)
 
 META = torch.device("meta")
 ITEM = ("aten._local_scalar_dense.default", "aten.item.default")  # .item(), as no_grad and inference_mode dispatch it
@@ -52,8 +61,10 @@ def record(fn, *args):
     return recorder
 
 
-def test_train_epoch_keeps_every_tensor_on_the_data_device():
-    model = MixAndMatchCVAE().to(META)
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conditioning="concat", decoder="autoregressive")],
+                         ids=["tutorial", "concat-ar"])
+def test_train_epoch_keeps_every_tensor_on_the_data_device(config):
+    model = MixAndMatchCVAE(config).to(META)
     # train.py's fused Adam refuses meta tensors; the plain loop makes the same updates op by op
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=False)
     recorder = record(train_epoch, model, optimizer, torch.empty(300, 784, device=META), 128, 64, 0)
@@ -63,18 +74,34 @@ def test_train_epoch_keeps_every_tensor_on_the_data_device():
     assert recorder.ops[-1] in ITEM
 
 
-def test_evaluation_sampling_and_metrics_keep_every_tensor_on_the_data_device():
-    model = MixAndMatchCVAE().to(META).eval()
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conditioning="concat", decoder="autoregressive"),
+                                    ModelConfig(decoder="autoregressive")], ids=["tutorial", "concat-ar", "ar"])
+def test_evaluation_sampling_and_metrics_keep_every_tensor_on_the_data_device(config):
+    model = MixAndMatchCVAE(config).to(META).eval()
     images = torch.empty(30, 784, device=META)
     data, condition = split_image(images)
+    real = {"held_out": torch.empty(20, 784, device=META), "train": torch.empty(40, 784, device=META),
+            "neighbour_tops": torch.empty(30, 3, 500, device=META), "threshold": 4.5}
     for fn, args in [(evaluate, (model, images, 64)),
                      (completion_grid, (model, images, 64, 5)),  # sample() and complete()
                      (posterior_draws, (model, data, condition, 64, 4)),
-                     (evaluation_metrics, (model, digit_classifier().to(META).eval(), images, 64, 5, 4))]:
+                     (evaluation_metrics, (model, digit_classifier().to(META).eval(), images, 64, 5, 4, 1.0, real))]:
         recorder = record(fn, *args)
         assert recorder.mixed == [], fn.__name__
         assert len(recorder.ops) > 50, fn.__name__  # it did run
-    assert "aten.randperm.default" in record(completion_grid, model, images, 64, 5).ops  # a Sampling per column
+    if config.conditioning != "concat":
+        assert "aten.randperm.default" in record(completion_grid, model, images, 64, 5).ops  # a Sampling per column
+
+
+def test_fidelity_measures_and_bottom_neighbours_keep_every_tensor_on_the_data_device():
+    # evaluation_metrics stops at its first .item(), before these: here on their own, to their end
+    features = torch.empty(20, 128, device=META)
+    for fn, args in [(manifold_measures, (features, features)), (frechet_distance, (features, features)),
+                     (bottom_neighbours, (torch.empty(7, 784, device=META), torch.empty(50, 784, device=META), 4)),
+                     (multimodal_distances, (torch.empty(7, 5, 500, device=META),
+                                             torch.empty(7, 3, 500, device=META), 4.5))]:
+        recorder = record(fn, *args)
+        assert recorder.mixed == [] and len(recorder.ops) > 3, fn.__name__
 
 
 def test_digit_classifier_training_keeps_every_tensor_on_the_data_device(tmp_path, mnist_root):

@@ -11,10 +11,19 @@ from model import MixAndMatchCVAE, ModelConfig
 from train import curriculum_stage
 from utils import (
     active_units,
+    bottom_neighbours,
+    classifier_features,
     classifier_scores,
     completion_distances,
+    digit_classifier,
+    frechet_distance,
+    gaussian_frechet_distance,
     importance_weighted_nll,
+    load_mnist,
+    load_or_find_neighbours,
     load_or_train_classifier,
+    manifold_measures,
+    multimodal_distances,
     posterior_draws,
     split_image,
 )
@@ -28,9 +37,11 @@ def test_fixed_conditioning_always_takes_the_first_alpha_indices():
     assert torch.equal(model.sampling(64, curriculum_stage=5)[0], torch.arange(64))  # no curriculum either
 
 
-def test_unknown_conditioning_is_refused():
+def test_unknown_conditioning_or_decoder_is_refused():
     with pytest.raises(ValueError, match="conditioning must be one of"):
-        MixAndMatchCVAE(ModelConfig(conditioning="concat"))
+        MixAndMatchCVAE(ModelConfig(conditioning="concatenate"))
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        MixAndMatchCVAE(ModelConfig(decoder="rnn"))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 10, 31])
@@ -70,9 +81,10 @@ def test_conditional_inception_score():
     assert confidence.item() == 1 and share.item() == 1
 
 
-def test_importance_weighted_nll_is_tighter_than_the_elbo():
+@pytest.mark.parametrize("decoder", ["mlp", "autoregressive"])
+def test_importance_weighted_nll_is_tighter_than_the_elbo(decoder):
     torch.manual_seed(0)
-    model = MixAndMatchCVAE(ModelConfig(hidden_dim=16, latent_dim=4)).eval()
+    model = MixAndMatchCVAE(ModelConfig(hidden_dim=16, latent_dim=4, decoder=decoder)).eval()
     data, condition = split_image(torch.rand(64, 784))
     log_w, bce, kl, _ = posterior_draws(model, data, condition, alpha=8, n_importance=50)
     negative_elbo = (bce + kl).mean()
@@ -114,10 +126,18 @@ def test_a_classifier_cached_from_other_mnist_files_is_retrained(tmp_path, mnist
     write_idx(other_root / "MNIST" / "raw", "t10k", N_TEST, rng)
     path = str(tmp_path / "classifier.pth")
     for root, expected in [(mnist_root, "training the digit classifier once"), (mnist_root, None),
-                           (str(other_root), "was trained on other MNIST files")]:
+                           (str(other_root), "was made from other MNIST files")]:
         load_or_train_classifier(path, root, torch.device("cpu"), epochs=1)
         printed = capsys.readouterr().out
         assert (expected in printed) if expected else printed == ""
+    # the bottom neighbours likewise: found once per data set
+    path = str(tmp_path / "neighbours.pth")
+    for root, expected in [(mnist_root, "finding the 4 training images nearest"), (mnist_root, None),
+                           (str(other_root), "was made from other MNIST files")]:
+        test_images, train_images = (load_mnist(root, train, "cpu")[0] for train in (False, True))
+        indices, _ = load_or_find_neighbours(path, root, test_images, train_images, 4)
+        printed = capsys.readouterr().out
+        assert ((expected in printed) if expected else printed == "") and indices.shape == (N_TEST, 4)
 
 
 def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root):
@@ -132,11 +152,16 @@ def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root):
     assert written["checkpoint"].endswith("mix_match_01.pth")
     assert f"test accuracy {100 * written['classifier_accuracy']:.2f}%" in result.stdout
     printed = result.stdout.splitlines()
-    assert len(written["metrics"]) == 12
+    assert len(written["metrics"]) == 21
     for row in written["metrics"].values():  # each printed line, rebuilt from the JSON
         value = f"{row['model']:9d}" if isinstance(row["model"], int) else f"{row['model']:9.3f}"
         reference = "" if row["real_top"] is None else f"{row['real_top']:9.3f}"
-        assert f"{row['name']:<48} {value} {reference:>9}" in printed
+        assert f"{row['name']:<52} {value} {reference:>9}" in printed
+    # the metrics draw from --seed alone: a figure and another grid before them do not move them
+    run_script("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
+               "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3, "--json", "out/other.json",
+               "--figure", "figure.png", "--n-images", 3, cwd=tmp_path)
+    assert json.loads((tmp_path / "out" / "other.json").read_text()) == written
 
 
 def test_sampling_flags_are_checked_before_any_work(tmp_path):
@@ -146,3 +171,80 @@ def test_sampling_flags_are_checked_before_any_work(tmp_path):
                            (["--metrics", "--json", "m.txt"], "--json 'm.txt': cannot write the format '.txt'")]:
         result = run_script("sample.py", *flags, cwd=tmp_path, check=False)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- fidelity and coverage
+
+
+def test_identical_sets_have_full_precision_recall_coverage_and_no_frechet_distance():
+    points = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    measures = manifold_measures(points, points.clone())
+    assert [measures[k].item() for k in ("precision", "recall", "coverage")] == [1.0, 1.0, 1.0]
+    assert 1.0 <= measures["density"].item() < 2.0  # its own ball and its neighbours' (about 1 for two samples)
+    assert abs(frechet_distance(points, points.clone()).item()) < 1e-9
+
+
+def test_disjoint_sets_share_nothing_and_their_frechet_distance_is_the_shift():
+    real = torch.randn(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fake = real + 100  # the same shape, moved by 100 in each of the 4 coordinates
+    measures = manifold_measures(real, fake)
+    assert [measures[k].item() for k in ("precision", "recall", "density", "coverage")] == [0.0, 0.0, 0.0, 0.0]
+    assert math.isclose(frechet_distance(real, fake).item(), 4 * 100 ** 2, rel_tol=1e-9)  # equal covariances
+
+
+def test_an_outlier_among_the_reals_fools_precision_not_density():
+    """99 real points packed near 0, one outlier at 10; the fakes near 15, far from every real
+    digit but inside the outlier's wide k-NN ball: precision counts them all, density sees one
+    ball of k = 5, coverage one real point of 100."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.cat([0.1 * torch.randn(99, 2, generator=g), torch.tensor([[10.0, 0.0]])])
+    fake = torch.tensor([15.0, 0.0]) + 0.1 * torch.randn(100, 2, generator=g)
+    measures = manifold_measures(real, fake)
+    assert measures["precision"].item() == 1.0
+    assert math.isclose(measures["density"].item(), 1 / 5, rel_tol=1e-6)
+    assert math.isclose(measures["coverage"].item(), 1 / 100, rel_tol=1e-6)
+    assert measures["recall"].item() == 0.0
+
+
+def test_frechet_distance_of_gaussians_with_a_known_answer():
+    # diagonal covariances commute: |mu_a - mu_b|^2 + sum (sqrt(var_a) - sqrt(var_b))^2
+    mu_a, mu_b, var_a, var_b = (torch.tensor(v, dtype=torch.float64) for v in
+                                ([0.0, 1.0, 2.0], [1.0, 1.0, 0.0], [1.0, 4.0, 9.0], [4.0, 1.0, 9.0]))
+    expected = (mu_a - mu_b).square().sum() + (var_a.sqrt() - var_b.sqrt()).square().sum()  # 5 + 1 + 1
+    assert math.isclose(gaussian_frechet_distance(mu_a, var_a.diag(), mu_b, var_b.diag()).item(), expected.item())
+    # a rotated covariance: the distance between N(0, A) and N(0, R A R^T) against the eigenvalues of A^(1/2) B A^(1/2)
+    rotation = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
+    cov_b = rotation @ var_a.diag() @ rotation.T
+    sqrt_a = var_a.sqrt().diag()
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).sqrt().sum()
+    assert math.isclose(gaussian_frechet_distance(torch.zeros(3, dtype=torch.float64), var_a.diag(),
+                                                  torch.zeros(3, dtype=torch.float64), cov_b).item(),
+                        (2 * var_a.sum() - 2 * cross).item(), rel_tol=1e-9)
+    # from samples: the estimate approaches the Gaussians' distance
+    g = torch.Generator().manual_seed(2)
+    a = mu_a + var_a.sqrt() * torch.randn(100_000, 3, dtype=torch.float64, generator=g)
+    b = mu_b + var_b.sqrt() * torch.randn(100_000, 3, dtype=torch.float64, generator=g)
+    assert math.isclose(frechet_distance(a, b).item(), expected.item(), rel_tol=0.02)
+
+
+def test_multimodal_best_of_k_and_conditional_coverage_on_hand_made_tops():
+    completions = torch.tensor([[[0.0, 0.0], [10.0, 0.0]]])  # K = 2
+    neighbour_tops = torch.tensor([[[0.0, 1.0], [10.0, 3.0], [5.0, 0.0]]])  # M = 3: nearest 1, 3 and 5 away
+    best, covered = multimodal_distances(completions, neighbour_tops, threshold=3.0)
+    assert torch.allclose(best, torch.tensor([3.0])) and torch.allclose(covered, torch.tensor([2 / 3]))
+
+
+def test_bottom_neighbours_are_the_nearest_bottoms():
+    g = torch.Generator().manual_seed(0)
+    test_images, train_images = torch.rand(7, 784, generator=g), torch.rand(50, 784, generator=g)
+    distances = torch.cdist(split_image(test_images)[1], split_image(train_images)[1])
+    found = bottom_neighbours(test_images, train_images, 4, batch_size=3)
+    assert torch.equal(found.sort(1).values, distances.argsort(1)[:, :4].sort(1).values)
+
+
+def test_classifier_features_are_what_its_last_layer_reads():
+    classifier = digit_classifier().eval()
+    images = torch.rand(5, 784)
+    features = classifier_features(classifier, images)
+    assert features.shape == (5, 128) and features.min() >= 0  # after its ReLU
+    assert torch.allclose(classifier[-1](features), classifier(images), atol=1e-6)
