@@ -166,9 +166,10 @@ def train(args, name, flags, epochs, start, progress):
     folder = os.path.join(args.runs_dir, name)
     with claimed(os.path.join(folder, "train.lock"), f"{progress} {name}") as mine:
         if mine:
-            done = sorted(glob.glob(os.path.join(folder, "checkpoint", "mix_match_*.pth")))
-            # an interrupted reproduction continues the run
-            resume = done[-1] if done else final_checkpoint(args, start) if start else None
+            # an interrupted reproduction continues the run from its newest epoch (by number: 187 after 99)
+            done = max(glob.glob(os.path.join(folder, "checkpoint", "mix_match_*.pth")), default=None,
+                       key=lambda path: int(path.rsplit("_", 1)[1].removesuffix(".pth")))
+            resume = done or (final_checkpoint(args, start) if start else None)
             run(f"{progress} training {name}" + (f", from {resume}" if resume else ""),
                 os.path.join(folder, "train.log"), "train.py", "--data-root", args.data_root, "--checkpoint-dir",
                 os.path.join(folder, "checkpoint"), "--results-dir", os.path.join(folder, "results"),
