@@ -39,6 +39,7 @@ from utils import (
     posterior_draws,
     save_image_grid,
     save_json,
+    seed,
     set_seed,
     split_image,
     writable_dir,
@@ -66,7 +67,7 @@ def main():
     parser.add_argument("--temperature", type=positive_float, default=1.0,
                         help="completions decode z ~ N(0, T^2 I); the likelihoods of --metrics keep the "
                              "prior N(0, I) (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--figure", metavar="PATH",
@@ -81,7 +82,8 @@ def main():
     try:
         run(parser, args)
     except OSError as e:  # a full disk, say: atomic writes leave no half-written file
-        sys.exit(f"error: {e.filename}: {e.strerror}")
+        sys.exit(f"error: {e.filename}: {e.strerror}. The files written before it are whole; free space or pass "
+                 f"another path, then run the command again.")
     except KeyboardInterrupt:
         print("interrupted: the files written so far are whole; nothing else was changed", file=sys.stderr)
         sys.exit(130)
@@ -121,6 +123,9 @@ def run(parser, args):
                      f"compare the completions with the test images left out ({MIN_HELD_OUT} at least)")
     images = test_images[:args.n_images]
     grid = completion_grid(model, images, alpha, args.n_samples, args.temperature)
+    if not bool(grid.isfinite().all()):  # z = T * eps overflows the decoder: a grid of noise, metrics of NaN
+        sys.exit(f"error: the completions are not finite numbers at --temperature {args.temperature:g}; "
+                 f"use a lower one")
     save_image_grid(grid.flatten(0, 1), args.out, nrow=grid.shape[1])
     print(f"wrote {args.out}: {args.n_images} rows x {grid.shape[1]} columns (alpha {alpha}, "
           f"temperature {args.temperature:g})")

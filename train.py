@@ -31,6 +31,7 @@ from utils import (
     save_checkpoint,
     save_image_grid,
     save_json,
+    seed,
     set_seed,
     signals_deferred,
     split_image,
@@ -75,7 +76,7 @@ def main():
     parser.add_argument("--results-dir", default="results", help="(default: results)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--resume", metavar="PATH",
                         help="continue a run exactly from its checkpoint: the model flags (--alpha, sizes, "
                              "--conditioning, --decoder, --curriculum-step), and --lr and --batch-size unless "
@@ -110,7 +111,7 @@ def main():
         else:
             config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, conditioning=args.conditioning,
                                  decoder=args.decoder)
-            model, start_epoch, step, history = MixAndMatchCVAE(config).to(device), 1, 0, []
+            model, start_epoch, step, history = build_model(config, device), 1, 0, []
         # fused: one kernel updates all parameters; the default per-parameter loop costs more than
         # this small model's arithmetic on a CPU (tests/bench_train.py)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
@@ -141,7 +142,7 @@ def main():
             with signals_deferred():  # Ctrl-C waits for this epoch's files, so that the message can name them
                 save_reconstructions(model, test_images[:100], args.alpha,
                                      os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
-                path = os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth")
+                path = checkpoint_path(args, epoch)
                 save_checkpoint(path, model, optimizer, args.alpha, epoch, step, args,
                                 curriculum_step=args.curriculum_step, history=history)
                 last_checkpoint = path
@@ -158,7 +159,14 @@ def main():
         stop(128 + signum, f"interrupted ({signal.Signals(signum).name}) {where}. "
                            f"{how_to_continue(parser, args, last_checkpoint)}")
     except OSError as e:  # a full disk, or a folder removed while training; atomic writes leave no half file
+        if epoch == args.epochs and last_checkpoint == checkpoint_path(args, epoch):  # only a figure after it failed
+            stop(1, f"error: {e.filename}: {e.strerror}. Training is complete: {last_checkpoint} holds the last "
+                    f"epoch, whole; only {e.filename} is missing.")
         stop(1, f"error: {e.filename}: {e.strerror}. {how_to_continue(parser, args, last_checkpoint)}")
+
+
+def checkpoint_path(args, epoch):
+    return os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth")
 
 
 def load_resumable(path, device):
@@ -167,7 +175,20 @@ def load_resumable(path, device):
     if "optimizer" not in checkpoint:
         raise SystemExit(f"error: {path!r} holds model weights only (no optimizer state); "
                          f"--resume needs a checkpoint written by train.py")
+    missing = [key for key in ("epoch", "step", "curriculum_step", "history", "rng", "args") if key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {path!r} has no {', '.join(missing)}: it was written by another program or "
+                         f"edited; --resume needs a checkpoint written by train.py")
     return model, checkpoint
+
+
+def build_model(config, device):
+    """The model on `device`, or one line if its sizes do not fit in memory (--hidden-dim 1000000000)."""
+    try:
+        return MixAndMatchCVAE(config).to(device)
+    except (RuntimeError, MemoryError) as e:  # torch's allocator: "DefaultCPUAllocator: can't allocate memory"
+        raise SystemExit(f"error: a model with --hidden-dim {config.hidden_dim} and --latent-dim {config.latent_dim} "
+                         f"does not fit in memory ({type(e).__name__} while allocating its weights); use smaller sizes")
 
 
 def resolve_run_flags(args, checkpoint):

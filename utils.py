@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import struct
 import tempfile
@@ -83,11 +84,15 @@ def mnist_dataset(root, train):
     from torchvision import datasets  # imported here so that model.py users need no torchvision
 
     raw = os.path.join(root, "MNIST", "raw")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise SystemExit(f"error: --data-root {root!r} is a file; pass the folder that holds MNIST/raw/")
     check_idx_files(raw)
     with contextlib.suppress(RuntimeError):  # a raw file missing, or there only as .gz: extract or download it
         return datasets.MNIST(root, train=train, download=False)
     try:
-        return datasets.MNIST(root, train=train, download=True)
+        dataset = datasets.MNIST(root, train=train, download=True)
+        check_idx_files(raw)  # the files it extracted or downloaded
+        return dataset
     except Exception as e:  # noqa: BLE001 (any network or extraction failure: the user needs to know what to do)
         check_idx_files(raw)  # a .gz extracted just now may be the broken file
         missing = [name for name in MNIST_FILES if not any(os.path.isfile(os.path.join(raw, name + ext))
@@ -103,8 +108,13 @@ def mnist_dataset(root, train):
 
 
 def check_idx_files(raw):
-    """Each raw MNIST file present in `raw` must be a whole IDX file of unsigned bytes: a header of
-    magic number and dimensions, then exactly their product of bytes (yann.lecun.com/exdb/mnist)."""
+    """The raw MNIST files present in `raw`, before torchvision reads them (yann.lecun.com/exdb/mnist):
+    each a whole IDX file of unsigned bytes (a header of magic number and dimensions, then exactly
+    their product of bytes), images of 28 x 28 and labels of one dimension; and each split's two
+    files a pair: as many labels as images, every label a digit 0 to 9. Whole files that do not
+    belong together (the test labels copied over the training labels, say) are named here, not
+    met as an IndexError deep in the metrics."""
+    shapes = {}
     for name in MNIST_FILES:
         path = os.path.join(raw, name)
         if not os.path.isfile(path):
@@ -113,13 +123,33 @@ def check_idx_files(raw):
             magic = f.read(4)
             ndim = magic[3] if len(magic) == 4 and magic[:3] == b"\x00\x00\x08" else 0
             dims = f.read(4 * ndim)
-        expected = 4 + 4 * ndim + math.prod(struct.unpack(f">{ndim}I", dims)) if len(dims) == 4 * ndim else None
+        shape = struct.unpack(f">{ndim}I", dims) if len(dims) == 4 * ndim else None
         size = os.path.getsize(path)
-        if not ndim or size != expected:
-            found = "no IDX header" if not ndim or expected is None else f"{size} bytes, its header says {expected}"
+        if not ndim or shape is None or size != 4 + 4 * ndim + math.prod(shape):
+            found = "no IDX header" if shape is None or not ndim else \
+                f"{size} bytes, its header says {4 + 4 * ndim + math.prod(shape)}"
             raise SystemExit(f"error: the MNIST file {path} is there but unreadable ({found}): it is "
                              f"truncated or not an IDX file. Replace it with an intact copy (or delete "
                              f"it, and it is downloaded again when online).")
+        expected = "28 x 28 images" if "images" in name else "labels (one dimension)"
+        if shape[1:] != ((28, 28) if "images" in name else ()):
+            raise SystemExit(f"error: the MNIST file {path} holds an array of shape {shape}, where {expected} "
+                             f"belong: it is another file under this name. Replace it with the MNIST file.")
+        shapes[name] = shape
+    for images, labels in (MNIST_FILES[:2], MNIST_FILES[2:]):
+        if images not in shapes or labels not in shapes:
+            continue
+        images_path, labels_path = os.path.join(raw, images), os.path.join(raw, labels)
+        if shapes[images][0] != shapes[labels][0]:
+            raise SystemExit(f"error: the MNIST files {images_path} ({shapes[images][0]} images) and {labels_path} "
+                             f"({shapes[labels][0]} labels) do not belong together: each split's images and labels "
+                             f"come as a pair. Replace them with the pair from one MNIST download.")
+        with open(labels_path, "rb") as f:
+            values = np.frombuffer(f.read()[8:], dtype=np.uint8)
+        if values.size and values.max() > 9:
+            index = int(np.argmax(values > 9))
+            raise SystemExit(f"error: the MNIST file {labels_path} holds the label {values[index]} (image {index}), "
+                             f"where digits 0 to 9 belong. Replace it with the MNIST file.")
 
 
 def load_mnist(root, train, device):
@@ -153,6 +183,14 @@ def positive_int(text):
     value = int(text) if text.lstrip("-").isdigit() else None
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def seed(text):
+    """argparse type: a seed every generator takes, 0 to 2**32 - 1 (numpy's range)."""
+    value = int(text) if text.isascii() and text.isdigit() else None
+    if value is None or value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {2 ** 32 - 1}, got {text!r}")
     return value
 
 
@@ -200,6 +238,10 @@ def writable_dir(path, flag):
 def check_output_file(path, flag, formats):
     """An output file's extension must name one of `formats`, and its folder must be writable."""
     root, extension = os.path.splitext(path)
+    if os.path.isdir(path):
+        example = "png" if "png" in formats else min(formats)
+        raise SystemExit(f"error: {flag} {path!r} is a folder; pass a file name, e.g. "
+                         f"{os.path.join(path, 'out.' + example)}")
     if extension.lower().lstrip(".") not in formats:
         shown = [f for f in ("png", "jpg", "pdf", "svg") if f in formats] or sorted(formats)
         more = f" and {len(formats) - len(shown)} more" if len(formats) > len(shown) else ""
@@ -329,10 +371,14 @@ def newest_checkpoint(checkpoint_dir):
 def load_checkpoint(path, device):
     """Our checkpoint, or the tutorial's plain state_dict (default sizes, alpha 64).
     Returns (model on device, checkpoint dict); errors a user can cause end in one message."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: checkpoint {path!r} is a folder; pass one of its mix_match_*.pth files")
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except OSError as e:  # no permission to read it, say: the file itself may be fine
+        raise SystemExit(f"error: cannot read checkpoint {path!r}: {e.strerror}")
     except Exception as e:  # noqa: BLE001 (truncated, not a torch file, or objects weights_only refuses)
         raise SystemExit(f"error: cannot read checkpoint {path!r}: it is truncated or not a "
                          f"checkpoint of this repository ({type(e).__name__}). "
@@ -342,6 +388,14 @@ def load_checkpoint(path, device):
     bare = "model" not in checkpoint  # the tutorial's published file: a bare state_dict
     if bare:
         checkpoint = {"model": checkpoint, "config": asdict(ModelConfig()), "alpha": TUTORIAL_ALPHA}
+    missing = [key for key in ("config", "alpha") if key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {path!r} holds model weights but no {' or '.join(missing)}: it was not written by "
+                         f"this repository's train.py. Pass another --checkpoint, or retrain.")
+    broken = first_non_finite(checkpoint)
+    if broken:  # saved by a crashed program or edited: sampling would give blank completions, training NaN
+        raise SystemExit(f"error: checkpoint {path!r} holds a NaN or infinite value in {broken}: it was saved "
+                         f"broken. Use an earlier checkpoint of the run, or retrain.")
     try:
         model = MixAndMatchCVAE(ModelConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"], strict=True)
@@ -350,8 +404,31 @@ def load_checkpoint(path, device):
         lines = [line.strip() for line in str(e).strip().splitlines()]
         sizes = "a bare state_dict, read with the tutorial's sizes" if bare else f"sizes {checkpoint.get('config')}"
         raise SystemExit(f"error: checkpoint {path!r} does not match MixAndMatchCVAE ({sizes}): "
-                         f"{lines[1] if len(lines) > 1 else lines[0]}")
+                         f"{shorten_keys(lines[1] if len(lines) > 1 else lines[0])}. Pass another --checkpoint, "
+                         f"or retrain.")
     return model.to(device), checkpoint
+
+
+def shorten_keys(line, shown=3):
+    """load_state_dict's 'Missing key(s) in state_dict: "a", "b", ...' with its first keys only: a
+    checkpoint of another model lists every one of ours."""
+    keys = re.findall(r'"([^"]+)"', line)
+    if len(keys) <= shown:
+        return line
+    return f"{line.split(':')[0]}: {', '.join(keys[:shown])} and {len(keys) - shown} more"
+
+
+def first_non_finite(tree, prefix=""):
+    """The dotted name of the first floating-point tensor in a checkpoint (nested dicts and lists:
+    the weights, the optimizer's moments) that holds a NaN or an infinity, else None."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+            return f"{prefix}{key}"
+        found = first_non_finite(value, f"{prefix}{key}.") if isinstance(value, (dict, list)) else None
+        if found:
+            return found
+    return None
 
 
 # ----------------------------------------------------------------------------- figure
@@ -572,9 +649,12 @@ def load_cache(path, fingerprint, device, redo):
         return None
     try:
         cached = torch.load(path, map_location=device, weights_only=True)
-        if cached.get("mnist_sha256") == fingerprint:
+        if cached.get("mnist_sha256") != fingerprint:
+            print(f"{redo}: {path} was made from other MNIST files")
+        elif first_non_finite(cached):
+            print(f"{redo}: {path} holds a NaN or infinite value")
+        else:
             return cached
-        print(f"{redo}: {path} was made from other MNIST files")
     except Exception as e:  # noqa: BLE001
         print(f"{redo}: cannot read {path} ({type(e).__name__})")
     return None

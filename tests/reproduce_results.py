@@ -51,6 +51,7 @@ EPOCHS = 50
 CONDITIONINGS = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "concat": ["--conditioning", "concat"]}
 DECODERS = {"mlp": ("", []), "autoregressive": ("ar-", ["--decoder", "autoregressive"])}  # run-name prefix, flags
 LONG_EPOCHS = 200  # the autoregressive KLs still fall at epoch 50
+SHIPPED = os.path.join(REPO, "checkpoint", "mix_match_50.pth")  # measured as the run "shipped"
 SECTIONS = ("latent-use", "results")  # the longest chains of runs first
 
 
@@ -139,6 +140,7 @@ def measurements(section):
         todo.update({f"ar-{mode}-seed0-long-T1": (f"ar-{mode}-seed0-long", []) for mode in CONDITIONINGS})
         return todo
     todo = {f"{mode}-seed{seed}-T1": (f"{mode}-seed{seed}", []) for mode in MODES for seed in SEEDS}
+    todo["shipped-T1"] = ("shipped", [])  # trained on another CPU: its own column
     todo.update({f"{mode}-seed0-T{t:g}": (f"{mode}-seed0", ["--temperature", f"{t:g}"])
                  for mode in MODES for t in TEMPERATURES})
     todo.update({f"mix-and-match-seed0-testalpha{alpha}-T{t:g}": ("mix-and-match-seed0",
@@ -150,6 +152,8 @@ def measurements(section):
 
 
 def final_checkpoint(args, run, epochs=None):
+    if run == "shipped":
+        return SHIPPED
     epochs = epochs or (LONG_EPOCHS if run.endswith("-long") else EPOCHS)
     return os.path.join(args.runs_dir, run, "checkpoint", f"mix_match_{epochs:02d}.pth")
 
@@ -247,22 +251,21 @@ def mean_sd_cell(values):
     return "n/a" if None in values else "{:.3f} ± {:.3f}".format(*mean_sd(values))
 
 
-def difference_cells(metrics, key, a, b):
+def difference(metrics, key, a, b):
     """a's mean minus b's over the seeds, twice the larger of their sds, and whether the difference
-    is the larger (the only differences README reads as findings)."""
+    is the larger (the only differences README reads as findings); None where a measure is n/a."""
     values_a, values_b = seed_values(metrics, a, key), seed_values(metrics, b, key)
     if None in values_a or None in values_b:
-        return "n/a | | "
+        return None
     (mean_a, sd_a), (mean_b, sd_b) = mean_sd(values_a), mean_sd(values_b)
-    difference, spread = mean_a - mean_b, 2 * max(sd_a, sd_b)
-    return f"{difference:+.3f} | {spread:.3f} | {'yes' if abs(difference) > spread else 'no'}"
+    return mean_a - mean_b, 2 * max(sd_a, sd_b), abs(mean_a - mean_b) > 2 * max(sd_a, sd_b)
 
 
 def seed_table(metrics):
     """README's Results table: each metric of sample.py --metrics as mean ± sd over the seeds, per
     mode; the real tops' value (the same for every run: one classifier, one test set); and the
-    shipped model's (mix-and-match, seed 0) value as `sample.py --metrics` prints it."""
-    shipped = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
+    shipped checkpoint's value as `sample.py --metrics` prints it."""
+    shipped = metrics["shipped-T1"]["metrics"]
     lines = [f"| metric (per test image), mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
              + " | ".join(MODES) + " | real top | shipped model (seed 0) |", "|---|" + "---:|" * (len(MODES) + 2)]
     for key, row in shipped.items():
@@ -280,7 +283,8 @@ def differences_table(metrics):
     lines = ["| metric | " + " | ".join(f"{a} − {b} | 2 × sd | beyond?" for a, b in pairs) + " |",
              "|---|" + "---:|---:|:---:|" * len(pairs)]
     for key, row in metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"].items():
-        cells = [difference_cells(metrics, key, a, b) for a, b in pairs]
+        cells = ["n/a | | " if d is None else f"{d[0]:+.3f} | {d[1]:.3f} | {'yes' if d[2] else 'no'}"
+                 for d in (difference(metrics, key, a, b) for a, b in pairs)]
         lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -318,10 +322,8 @@ def latent_differences_table(metrics):
     lines = ["| a − b | " + " | ".join(markdown(names[key]["name"]) for key in LATENT_KEYS) + " |",
              "|---|" + "---:|" * len(LATENT_KEYS)]
     for a, b in pairs:
-        cells = []
-        for key in LATENT_KEYS:
-            difference, spread, beyond = difference_cells(metrics, key, a, b).split(" | ")
-            cells.append(difference if difference == "n/a" else f"{difference} ({spread}{', yes' * (beyond == 'yes')})")
+        cells = ["n/a" if d is None else f"{d[0]:+.3f} ({d[1]:.3f}{', yes' * d[2]})"
+                 for d in (difference(metrics, key, a, b) for key in LATENT_KEYS)]
         label = f"{a.replace('ar-', 'autoregressive ')} − {b.replace('ar-', 'autoregressive ')}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -349,23 +351,34 @@ def point(measurement, x="distinct_digits", y="confidence"):
     return measurement["metrics"][x]["model"], measurement["metrics"][y]["model"]
 
 
+def fidelity_key(metrics):
+    """Which fidelity measure is the frontier's quality axis: precision or density, whichever varies
+    less between the seeds at T = 1 (its sd over its mean, averaged over the conditionings)."""
+    def relative_spread(key):
+        return statistics.mean(mean_sd(values)[1] / mean_sd(values)[0]
+                               for values in (seed_values(metrics, mode, key) for mode in MODES))
+    return min(("precision", "density"), key=relative_spread)
+
+
 def frontier_table(metrics):
-    """Every frontier point (seed 0): temperature curves, test-time alphas and trained alphas,
-    beside the confidence each conditioning's temperature curve has at the same diversity
-    (linear between its temperatures; distinct digits grow with T along every curve)."""
-    curves = {mode: [point(metrics[f"{mode}-seed0-T{t:g}"]) for t in TEMPERATURES]
-              for mode in ("fixed", "mix-and-match")}
-    header = ("| model (seed 0) | T | distinct digits | mean distance | confidence | "
-              "fixed's confidence at these distinct digits | mix-and-match's |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    """Every frontier point (seed 0): temperature curves, test-time alphas and trained alphas, with
+    their fidelity, confidence and coverage, beside the fidelity and the confidence each
+    conditioning's temperature curve has at the same diversity (linear between its temperatures;
+    distinct digits grow with T along every curve)."""
+    fidelity = fidelity_key(metrics)
+    curves = {(mode, y): [point(metrics[f"{mode}-seed0-T{t:g}"], y=y) for t in TEMPERATURES]
+              for y in (fidelity, "confidence") for mode in ("fixed", "mix-and-match")}
+    header = (f"| model (seed 0) | T | distinct digits | mean distance | {fidelity} | confidence | coverage | "
+              + " | ".join(f"{mode}'s {y} at these digits" for mode, y in curves) + " |")
+    lines = [header, "|---|" + "---:|" * (6 + len(curves))]
     for name in frontier_points():
         m = metrics[name]
         label = name.rsplit("-T", 1)[0].replace("-seed0", "").replace("testalpha", "test-time alpha ")
-        distinct, confidence = point(m)
-        on_curves = [on_curve(curve, distinct) for curve in curves.values()]
-        cells = ["" if value is None else f"{value:.3f}" for value in on_curves]
-        lines.append(f"| {label} | {m['temperature']:g} | {distinct:.3f} | {m['metrics']['diversity']['model']:.3f} "
-                     f"| {confidence:.3f} | {cells[0]} | {cells[1]} |")
+        values = [m["metrics"][key]["model"] for key in ("distinct_digits", "diversity", fidelity, "confidence",
+                                                          "coverage")]
+        on_curves = [on_curve(curve, values[0]) for curve in curves.values()]
+        cells = [f"{v:.3f}" for v in values] + ["" if v is None else f"{v:.3f}" for v in on_curves]
+        lines.append(f"| {label} | {m['temperature']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -388,49 +401,53 @@ def on_curve(curve, x):
 # ----------------------------------------------------------------------------- figure
 
 def plot_frontier(metrics, path):
-    """Quality (classifier confidence) against diversity (distinct digits; mean pairwise
-    distance), one line per conditioning through its temperatures (seed 0), the seed spread at
-    T = 1 as error bars (mean ± sd), trained and test-time alphas as labelled points, the real
-    tops' confidence as a reference line."""
+    """Quality against diversity (distinct digits), one line per conditioning through its
+    temperatures (seed 0), the seed spread at T = 1 as error bars (mean ± sd), trained and
+    test-time alphas as labelled points, the real digits' value as a reference line. Three
+    panels, three qualities: fidelity against real digits (precision or density, fidelity_key),
+    the classifier's confidence, and coverage of the real digits."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fidelity = fidelity_key(metrics)
+    panels = [(fidelity, f"fidelity: {fidelity} against real test digits (k-NN, classifier features)"),
+              ("confidence", "classifier confidence"), ("coverage", "coverage of the real test digits (k = 5)")]
     colors = dict(zip(MODES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True, gridspec_kw={
-        "left": 0.06, "right": 0.99, "bottom": 0.2, "top": 0.92, "wspace": 0.06})
-    for ax, x_key, x_label in [(axes[0], "distinct_digits", "diversity: distinct digits among the 18 completions"),
-                               (axes[1], "diversity", "diversity: mean distance between the 18 completions")]:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={
+        "left": 0.05, "right": 0.99, "bottom": 0.24, "top": 0.9, "wspace": 0.22})
+    x_key = "distinct_digits"
+    for ax, (y_key, y_label) in zip(axes, panels):
         for mode, color in colors.items():
-            curve = [point(metrics[f"{mode}-seed0-T{t:g}"], x_key) for t in TEMPERATURES]
+            curve = [point(metrics[f"{mode}-seed0-T{t:g}"], x_key, y_key) for t in TEMPERATURES]
             ax.plot(*zip(*curve), color=color, marker="o", markersize=3.5, label=f"{mode}: T = "
                     f"{', '.join(f'{t:g}' for t in TEMPERATURES)}")
             for t, (x, y) in zip(TEMPERATURES, curve):
                 if t in (TEMPERATURES[0], 1.0, TEMPERATURES[-1]):
                     ax.annotate(f"T {t:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-            (x_mean, x_sd), (y_mean, y_sd) = (mean_sd(seed_values(metrics, mode, key)) for key in (x_key, "confidence"))
+            (x_mean, x_sd), (y_mean, y_sd) = (mean_sd(seed_values(metrics, mode, key)) for key in (x_key, y_key))
             ax.errorbar(x_mean, y_mean, xerr=x_sd, yerr=y_sd, color=color, capsize=3, linewidth=1.2,
                         label=f"{mode}: seeds {', '.join(map(str, SEEDS))} at T = 1, mean ± sd")
             for alpha in TRAIN_ALPHAS if mode != "curriculum" else ():
-                x, y = point(metrics[f"{mode}-alpha{alpha}-T1"], x_key)
+                x, y = point(metrics[f"{mode}-alpha{alpha}-T1"], x_key, y_key)
                 ax.plot(x, y, marker="s", color=color, markersize=5, markerfacecolor="white")
                 ax.annotate(f"α {alpha}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=7, color=color)
         for alpha in TEST_ALPHAS:
             for t in TEST_ALPHA_TEMPERATURES:
-                x, y = point(metrics[f"mix-and-match-seed0-testalpha{alpha}-T{t:g}"], x_key)
+                x, y = point(metrics[f"mix-and-match-seed0-testalpha{alpha}-T{t:g}"], x_key, y_key)
                 ax.plot(x, y, marker="^", color=colors["mix-and-match"], markersize=6, markerfacecolor="white")
                 ax.annotate(f"test α {alpha}, T {t:g}", (x, y), textcoords="offset points", xytext=(4, 3),
                             fontsize=7, color=colors["mix-and-match"])
-        real = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]["confidence"]["real_top"]
-        ax.axhline(real, color="grey", linestyle="--", linewidth=1, label=f"real tops: confidence {real:.3f}")
-        ax.set(xlabel=x_label)
+        real = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"][y_key]["real_top"]
+        ax.axhline(real, color="grey", linestyle="--", linewidth=1, label=f"real digits: {real:.3f}")
+        ax.set(xlabel="diversity: distinct digits among the 18 completions", ylabel=y_label)
         ax.grid(alpha=0.3)
-    axes[0].set(ylabel="quality: classifier confidence")
     axes[0].plot([], [], "ks", markerfacecolor="white", label="trained with another alpha (T = 1)")
     axes[0].plot([], [], "k^", markerfacecolor="white", label="default model, test-time alpha")
-    fig.suptitle("Quality against diversity (seed 0 along each line; up and right is better)")
-    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.03, -0.12), ncol=3, frameon=False)
+    fig.suptitle("Quality against diversity (seed 0 along each line; up and right is better; dashed: real digits "
+                 "in the completions' place)")
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.7, -0.13), ncol=4, frameon=False)
     save_figure(fig, path, dpi=100)
 
 

@@ -7,9 +7,14 @@ import re
 from PIL import Image
 
 from reproduce_results import (
+    LATENT_KEYS,
     MODES,
     differences_table,
+    fidelity_key,
     frontier_table,
+    latent_differences_table,
+    latent_table,
+    long_table,
     measurements,
     on_curve,
     plot_frontier,
@@ -17,22 +22,26 @@ from reproduce_results import (
 )
 
 NAMES = {"iw_nll": "IW NLL -log p(top | bottom), S=100 (nats)", "diversity": "diversity: mean distance",
-         "distinct_digits": "distinct digits among the K", "confidence": "classifier confidence"}
+         "distinct_digits": "distinct digits among the K", "confidence": "classifier confidence",
+         "precision": "precision", "density": "density", "coverage": "coverage"}
 OFFSET = {"mix-and-match": 3.0, "fixed": 0.0, "curriculum": 3.5}  # per mode, added to every seed's value
 
 
 def hand_made(name, flags):
     """The JSON sample.py --metrics --json would write: at T = 1 a mode's seed s gives
     OFFSET + s (mean OFFSET + 1, sd 1); along the temperatures, distinct digits grow with T at a
-    confidence of 0.9 - 0.1 T, fixed one digit short of mix-and-match."""
-    mode = next(m for m in MODES if name.startswith(m))
+    confidence of 0.9 - 0.1 T, fixed one digit short of mix-and-match. Precision varies between the
+    seeds (0.5 + 0.1 s), density hardly (0.6 + 0.001 s), both falling by 0.05 per unit of T."""
+    mode = next((m for m in MODES if name.startswith(m)), "mix-and-match")  # "shipped": a mix-and-match model
     seed = int(re.search(r"seed(\d)", name).group(1)) if "seed" in name else 0
     temperature = float(flags[flags.index("--temperature") + 1]) if "--temperature" in flags else 1.0
     distinct = temperature + (0.0 if mode == "fixed" else 1.0)
     values = {"iw_nll": 70 + OFFSET[mode] + seed, "diversity": 4 + OFFSET[mode] / 10 + seed / 10,
-              "distinct_digits": distinct + seed / 100, "confidence": 0.9 - 0.1 * temperature}
+              "distinct_digits": distinct + seed / 100, "confidence": 0.9 - 0.1 * temperature,
+              "precision": 0.5 + 0.1 * seed - 0.05 * temperature, "density": 0.6 + 0.001 * seed - 0.05 * temperature,
+              "coverage": 0.3}
     return {"temperature": temperature, "metrics": {
-        key: {"name": NAMES[key], "model": value, "real_top": 0.985 if key == "confidence" else None}
+        key: {"name": NAMES[key], "model": value, "real_top": 0.985 if key == "confidence" else 0.9}
         for key, value in values.items()}}
 
 
@@ -45,9 +54,9 @@ def test_seed_table_is_mean_and_sd_over_the_seeds_with_the_real_tops():
     # iw_nll: 70 + offset + seed for seeds 0, 1, 2: mean 71 + offset, sample sd 1
     # the last column: the shipped model, mix-and-match seed 0, as sample.py --metrics prints it
     lines = table.splitlines()
-    assert "| IW NLL -log p(top \\| bottom), S=100 (nats) | 74.000 ± 1.000 | 71.000 ± 1.000 | 74.500 ± 1.000 |  " \
+    assert "| IW NLL -log p(top \\| bottom), S=100 (nats) | 74.000 ± 1.000 | 71.000 ± 1.000 | 74.500 ± 1.000 | 0.900 " \
            "| 73.000 |" in lines
-    assert lines[-1].endswith("| 0.800 ± 0.000 | 0.800 ± 0.000 | 0.800 ± 0.000 | 0.985 | 0.800 |")
+    assert "| classifier confidence | 0.800 ± 0.000 | 0.800 ± 0.000 | 0.800 ± 0.000 | 0.985 | 0.800 |" in lines
 
 
 def test_differences_are_findings_only_beyond_twice_the_seed_spread():
@@ -62,11 +71,57 @@ def test_frontier_compares_confidence_at_the_same_diversity():
     assert math.isclose(on_curve([(1.0, 0.9), (2.0, 0.8), (4.0, 0.6)], 3.0), 0.7)
     assert on_curve([(1.0, 0.9), (2.0, 0.8)], 2.5) is None  # outside what the curve spans
     table = frontier_table(metrics())
-    # mix-and-match at T = 2: 3 digits at 0.7; fixed has 3 digits at T = 3, confidence 0.6
-    assert "| mix-and-match | 2 | 3.000 | 4.300 | 0.700 | 0.600 | 0.700 |" in table.splitlines()
+    # mix-and-match at T = 2: 3 digits at density 0.5 and confidence 0.7; fixed has 3 digits at T = 3,
+    # density 0.45 and confidence 0.6
+    assert table.splitlines()[0].startswith("| model (seed 0) | T | distinct digits | mean distance | density |")
+    assert ("| mix-and-match | 2 | 3.000 | 4.300 | 0.500 | 0.700 | 0.300 | 0.450 | 0.500 | 0.600 | 0.700 |"
+            in table.splitlines())
     assert "| mix-and-match-test-time alpha 96 | 1.5 |" in table
+
+
+def test_the_fidelity_axis_is_the_measure_that_varies_less_between_seeds():
+    assert fidelity_key(metrics()) == "density"  # precision moves by 0.1 per seed, density by 0.001
+    swapped = metrics()
+    for m in swapped.values():
+        m["metrics"]["precision"], m["metrics"]["density"] = m["metrics"]["density"], m["metrics"]["precision"]
+    assert fidelity_key(swapped) == "precision"
 
 
 def test_frontier_figure_is_drawn_from_the_jsons(tmp_path):
     plot_frontier(metrics(), str(tmp_path / "frontier.png"))
-    assert Image.open(tmp_path / "frontier.png").size == (1300, 520)  # 13 x 5.2 inches at 100 dpi
+    assert Image.open(tmp_path / "frontier.png").size == (1600, 520)  # 16 x 5.2 inches at 100 dpi
+
+
+def latent_metrics():
+    """Hand-made JSONs of the latent-use runs: a run's seed s has KL = base + s (sd 1), with base 10 for
+    the MLP and 1 for the autoregressive decoder, plus 2 for fixed and concat; no diversity from the
+    Sampling alone where there is no random Sampling; the long runs' KL is half their base."""
+    made = {}
+    for name in measurements("latent-use"):
+        seed = int(re.search(r"seed(\d)", name).group(1))
+        mode = next(m for m in ("mix-and-match", "fixed", "concat") if m in name)
+        kl = float((1 if name.startswith("ar-") else 10) + (0 if mode == "mix-and-match" else 2) + seed)
+        kl = kl / 2 if "-long" in name else kl
+        values = {key: 1.0 for key in LATENT_KEYS}
+        values.update(kl=kl, active_units=3, diversity_sampling=None if mode != "mix-and-match" else 0.5)
+        made[name] = {"metrics": {key: {"name": key.replace("_", " "), "model": value, "real_top": None}
+                                  for key, value in values.items()}}
+    return made
+
+
+def test_latent_use_tables_from_hand_made_runs():
+    lines = latent_table(latent_metrics()).splitlines()
+    assert lines[0] == ("| metric (per test image), mean ± sd over seeds 0, 1, 2 | mlp, mix-and-match | "
+                        "mlp, fixed | mlp, concat | autoregressive, mix-and-match | autoregressive, fixed | "
+                        "autoregressive, concat |")
+    assert "| kl | 11.000 ± 1.000 | 13.000 ± 1.000 | 13.000 ± 1.000 | 2.000 ± 1.000 | 4.000 ± 1.000 | 4.000 ± 1.000 |" \
+        in lines
+    assert "| diversity sampling | 0.500 ± 0.000 | n/a | n/a | 0.500 ± 0.000 | n/a | n/a |" in lines
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in latent_differences_table(latent_metrics()).splitlines()}
+    # autoregressive mix-and-match - fixed: KL 2 - 4 = -2, beyond twice the sd of 1? no (2 is not > 2)
+    assert rows["| autoregressive mix-and-match − autoregressive fixed"][1] == "-2.000 (2.000)"
+    # each decoder against the other: -9, a finding
+    assert rows["| autoregressive mix-and-match − mix-and-match"][1] == "-9.000 (2.000, yes)"
+    assert rows["| mix-and-match − fixed"][4] == "n/a"  # diversity from the Sampling alone
+    long = {line.split(" | ")[0]: line for line in long_table(latent_metrics()).splitlines()}
+    assert long["| kl"] == "| kl | 1.000 | 0.500 | 3.000 | 1.500 | 3.000 | 1.500 |"
