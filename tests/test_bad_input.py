@@ -1,50 +1,31 @@
 """Bad input, second round: files that are whole but wrong, paths, files from elsewhere, numbers at
 and past their limits, interrupts and a full disk during every kind of output. Each case runs a
-script's main() as a user does, in this process (a subprocess per case would cost the suite a
-torch import each): it ends in one message and an exit code, never another exception, and leaves
-every file whole; or, where the input is odd but valid, it simply works."""
+script as a user does, in this process (conftest's in_process: a subprocess per case would cost
+the suite a torch import each): it ends in one message and an exit code, never another
+exception, and leaves every file whole; or, where the input is odd but valid, it simply works."""
 import os
-import runpy
 import shutil
-import signal
 import struct
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import N_TEST, N_TRAIN, REPO
+from conftest import N_TEST, N_TRAIN
 from test_faults import failing_open
 
 
-def run_main(script, *args, capsys, check=False):
-    """(exit code, stdout, stderr) of `python3 script args` run in this process (cwd: the test's)."""
-    handler = signal.getsignal(signal.SIGTERM)  # train.py installs its own
-    try:
-        runpy.run_path(os.path.join(REPO, script), run_name="__main__")  # sys.argv set by the caller
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        if isinstance(e.code, str):
-            print(e.code, file=__import__("sys").stderr)
-    finally:
-        signal.signal(signal.SIGTERM, handler)
-    out = capsys.readouterr()
-    if check:
-        assert code == 0, out.out + out.err
-    return code, out.out, out.err
-
-
 @pytest.fixture
-def user(tmp_path, monkeypatch, capsys, mnist_root):
+def user(tmp_path, in_process, mnist_root):
     """Runs train.py or sample.py in tmp_path on synthetic MNIST copied there (so that a case may
     break it), on the CPU: user("sample.py", "--out", "g.png") -> (code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
     shutil.copytree(mnist_root, tmp_path / "data")
 
     def run(script, *args, check=False, data="data"):
-        monkeypatch.setattr("sys.argv", [script, "--data-root", data, "--device", "cpu", *map(str, args)])
-        return run_main(script, capsys=capsys, check=check)
+        result = in_process(script, "--data-root", data, "--device", "cpu", *args, cwd=tmp_path)
+        if check:
+            assert result.returncode == 0, result.stdout + result.stderr
+        return result.returncode, result.stdout, result.stderr
     return run
 
 

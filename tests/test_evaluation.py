@@ -140,7 +140,7 @@ def test_a_classifier_cached_from_other_mnist_files_is_retrained(tmp_path, mnist
         assert ((expected in printed) if expected else printed == "") and indices.shape == (N_TEST, 4)
 
 
-def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root):
+def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root, in_process):
     run_script("train.py", "--data-root", mnist_root, "--epochs", "1", "--checkpoint-dir", "checkpoint",
                "--results-dir", "results", "--device", "cpu", cwd=tmp_path)
     result = run_script("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
@@ -158,18 +158,18 @@ def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root):
         reference = "" if row["real_top"] is None else f"{row['real_top']:9.3f}"
         assert f"{row['name']:<52} {value} {reference:>9}" in printed
     # the metrics draw from --seed alone: a figure and another grid before them do not move them
-    run_script("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
-               "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3, "--json", "out/other.json",
-               "--figure", "figure.png", "--n-images", 3, cwd=tmp_path)
+    assert in_process("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
+                      "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3, "--json",
+                      "out/other.json", "--figure", "figure.png", "--n-images", 3, cwd=tmp_path).returncode == 0
     assert json.loads((tmp_path / "out" / "other.json").read_text()) == written
 
 
-def test_sampling_flags_are_checked_before_any_work(tmp_path):
+def test_sampling_flags_are_checked_before_any_work(tmp_path, in_process):
     for flags, message in [(["--temperature", "0"], "expected a finite number > 0, got '0'"),
                            (["--temperature", "-0.5"], "expected a finite number > 0, got '-0.5'"),
                            (["--json", "m.json"], "--json writes the metrics: add --metrics"),
                            (["--metrics", "--json", "m.txt"], "--json 'm.txt': cannot write the format '.txt'")]:
-        result = run_script("sample.py", *flags, cwd=tmp_path, check=False)
+        result = in_process("sample.py", *flags, cwd=tmp_path)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 

@@ -78,19 +78,18 @@ def test_skipping_a_last_batch_of_one_leaves_every_other_batch_as_it_was(mnist_r
     assert all(torch.equal(a, b) for a, b in zip(seen, expected[:2]))
 
 
-def test_output_folders_and_files_are_checked_before_any_work(tmp_path):
+def test_output_folders_and_files_are_checked_before_any_work(tmp_path, in_process):
     (tmp_path / "a_file").write_text("")
     nowhere = tmp_path / "no_data"  # had training or sampling started, this would be the error
     for flag in ["--checkpoint-dir", "--results-dir"]:
-        result = run_script("train.py", "--data-root", nowhere, flag, "a_file/sub", cwd=tmp_path, check=False)
+        result = in_process("train.py", "--data-root", nowhere, flag, "a_file/sub", cwd=tmp_path)
         assert_refused(result, f"cannot write in the folder 'a_file/sub' (Not a directory); pass another {flag}")
     for args, message in [(["--out", "results/grid"], "--out 'results/grid': no extension to name its format"),
                           (["--out", "grid.xyz"], "--out 'grid.xyz': cannot write the format '.xyz'"),
                           (["--out", "a_file/grid.png"], "cannot write in the folder 'a_file'"),
                           (["--figure", "fig.bmp2"], "--figure 'fig.bmp2': cannot write the format '.bmp2'"),
                           (["--figure", "a_file/fig.png"], "cannot write in the folder 'a_file'")]:
-        result = run_script("sample.py", "--data-root", nowhere, "--checkpoint", "missing.pth", *args,
-                            cwd=tmp_path, check=False)
+        result = in_process("sample.py", "--data-root", nowhere, "--checkpoint", "missing.pth", *args, cwd=tmp_path)
         assert_refused(result, message)
     assert [name for _, _, files in os.walk(tmp_path) for name in files] == ["a_file"]  # nothing was written
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_script
 from model import MixAndMatchCVAE, ModelConfig
 from sample import complete
 from train import TUTORIAL, resolve_run_flags
@@ -127,7 +126,12 @@ def test_diversity_by_source_holds_the_other_source_fixed():
     assert completion_distances(same, same[:, 0])[0].abs().max() < 1e-6  # the fixed split: 0 by construction
 
 
-def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, mnist_root):
+def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, mnist_root, in_process):
+    def run_script(script, *args, cwd):  # in this process: the suite's time goes to what is tested
+        result = in_process(script, *args, cwd=cwd)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
     common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", "results"]
     model_flags = ["--decoder", "autoregressive", "--conditioning", "concat"]
     run_script("train.py", *common, *model_flags, "--epochs", "2", "--checkpoint-dir", "straight", cwd=tmp_path)

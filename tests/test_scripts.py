@@ -58,24 +58,24 @@ def test_resume_continues_exactly(tmp_path, mnist_root):
     assert all(torch.equal(end["model"][k], expected[k]) for k in expected)
 
 
-def test_user_errors_are_one_clear_message(tmp_path, mnist_root):
+def test_user_errors_are_one_clear_message(tmp_path, mnist_root, in_process):
     (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04 not a whole checkpoint")
-    result = run_script("sample.py", "--data-root", mnist_root, "--checkpoint", "cut.pth", cwd=tmp_path, check=False)
+    result = in_process("sample.py", "--data-root", mnist_root, "--checkpoint", "cut.pth", cwd=tmp_path)
     assert result.returncode != 0 and "truncated" in result.stderr and "Traceback" not in result.stderr
 
-    result = run_script("sample.py", "--data-root", mnist_root, cwd=tmp_path, check=False)  # no checkpoint/
+    result = in_process("sample.py", "--data-root", mnist_root, cwd=tmp_path)  # no checkpoint/
     assert result.returncode != 0 and "train one" in result.stderr and "Traceback" not in result.stderr
 
-    result = run_script("train.py", "--data-root", tmp_path / "nowhere", cwd=tmp_path, check=False)
+    result = in_process("train.py", "--data-root", tmp_path / "nowhere", cwd=tmp_path)
     assert result.returncode != 0 and "MNIST/raw" in result.stderr and "Traceback" not in result.stderr
 
     torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "tutorial.pth")  # weights only: cannot resume
-    result = run_script("train.py", "--data-root", mnist_root, "--resume", "tutorial.pth", cwd=tmp_path, check=False)
+    result = in_process("train.py", "--data-root", mnist_root, "--resume", "tutorial.pth", cwd=tmp_path)
     assert result.returncode != 0 and "weights only" in result.stderr and "Traceback" not in result.stderr
 
-    result = run_script("train.py", "--alpha", "200", cwd=tmp_path, check=False)
+    result = in_process("train.py", "--alpha", "200", cwd=tmp_path)
     assert result.returncode == 2 and "--alpha must be in 0..128" in result.stderr
-    result = run_script("train.py", "--epochs", "0", cwd=tmp_path, check=False)
+    result = in_process("train.py", "--epochs", "0", cwd=tmp_path)
     assert result.returncode == 2 and "expected a whole number >= 1" in result.stderr
 
 
