@@ -742,8 +742,8 @@ def bottom_neighbours(test_images, train_images, m, batch_size=250):
 
 def load_or_find_neighbours(path, data_root, test_images, train_images, m):
     """(indices (N_test, m) of each test image's bottom neighbours, threshold), cached at `path` for
-    the MNIST files they were found in (4 s per 1000 test images on 2 CPU cores, so once per data
-    set, not per checkpoint). The threshold of the conditional coverage is the median distance from
+    the MNIST files they were found in (2.6 s per 1000 test images on one CPU core, so once per
+    data set, not per checkpoint). The threshold of the conditional coverage is the median distance from
     a test image's true top to the nearest of its neighbours' tops: a completion reaches a
     plausible top when it comes as close to it as the real top comes to the nearest other."""
     fingerprint = mnist_fingerprint(data_root)
