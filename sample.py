@@ -142,8 +142,8 @@ def run(parser, args):
                                                         NEIGHBOURS)
         accuracy = (classifier_log_probs(classifier, test_images).argmax(1) == test_labels).float().mean().item()
         print(f"\n{checkpoint_path}: {model.config.conditioning} conditioning, {model.config.decoder} decoder, "
-              f"alpha {alpha}, temperature "
-              f"{args.temperature:g}; first {args.n_eval} test images, K = {args.n_samples} completions, "
+              f"alpha {alpha}, temperature {args.temperature:g}; first {args.n_eval} test images, "
+              f"K = {args.n_samples} completions, "
               f"S = {args.n_importance} importance samples, seed {args.seed}; digit classifier test accuracy "
               f"{100 * accuracy:.2f}%")
         real = {"held_out": test_images[args.n_eval:], "train": train_images, "threshold": threshold,
@@ -204,8 +204,8 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
     # for all K, so that only z differs; one z per image held for all K, so that only I differs
     z_alone = complete(model, condition, alpha, n_samples, temperature, sampled_indices=model.sampling(alpha)[0])
     one_z = temperature * torch.randn(len(images), model.config.latent_dim, device=images.device)
-    sampling_alone = complete(model, condition, alpha, n_samples, z=one_z)
     no_sampling = model.config.conditioning != "mix-and-match"  # I never changes: 0 by construction
+    sampling_alone = None if no_sampling else complete(model, condition, alpha, n_samples, z=one_z)
     fidelity, fidelity_of_real = fidelity_rows(classifier, completed, real)
     neighbour_tops, threshold = real["neighbour_tops"], real["threshold"]
     multimodal = multimodal_distances(split_image(completed)[0], neighbour_tops, threshold)
