@@ -13,7 +13,6 @@ import torch.serialization
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import run_script
 from model import MixAndMatchCVAE, ModelConfig
 from sample import completion_grid, evaluation_metrics
 from train import evaluate, train_epoch
@@ -120,7 +119,12 @@ def save_as_if_on_a_gpu(obj, path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does")
-def test_a_gpu_checkpoint_samples_and_resumes_on_a_cpu_only_machine(tmp_path, mnist_root, monkeypatch):
+def test_a_gpu_checkpoint_samples_and_resumes_on_a_cpu_only_machine(tmp_path, mnist_root, monkeypatch, in_process):
+    def run_script(script, *args, cwd):  # in this process: the suite's time goes to what is tested
+        result = in_process(script, *args, cwd=cwd)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
     common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", tmp_path / "results"]
     run_script("train.py", *common, "--epochs", "2", "--checkpoint-dir", "straight", cwd=tmp_path)
     run_script("train.py", *common, "--epochs", "1", "--checkpoint-dir", "first", cwd=tmp_path)
