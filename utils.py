@@ -685,10 +685,12 @@ def classifier_features(classifier, images, batch_size=2000):
         return torch.cat([classifier[:-2](batch) for batch in images.split(batch_size)])  # (B, 128)
 
 
-def knn_radii(points, k):
-    """Distance from each point (P, F) to its k-th nearest neighbour among the others: the radius
-    of its k-NN ball, the estimate of the manifold of its set near it."""
-    return torch.cdist(points, points).kthvalue(k + 1, dim=1).values  # the 1st nearest is the point itself
+def knn_radii(points, ks):
+    """{k: distance from each point (P, F) to its k-th nearest neighbour among the others} for each k
+    in ks: the radius of its k-NN ball, the estimate of the manifold of its set near it. One
+    distance matrix serves every k."""
+    distances = torch.cdist(points, points)  # (P, P)
+    return {k: distances.kthvalue(k + 1, dim=1).values for k in ks}  # the 1st nearest is the point itself
 
 
 def manifold_measures(real, fake):
@@ -700,9 +702,9 @@ def manifold_measures(real, fake):
       outlier among the reals, whose ball is wide, adds little); and the share of real points
       whose ball holds some fake point (a ball around a real point, not a wide fake one)."""
     distances = torch.cdist(fake, real)  # (fake, real)
-    in_real_balls = {k: distances <= knn_radii(real, k)[None] for k in (3, 5)}
+    in_real_balls = {k: distances <= radii[None] for k, radii in knn_radii(real, (3, 5)).items()}
     return {"precision": in_real_balls[3].any(1).float().mean(),
-            "recall": (distances <= knn_radii(fake, 3)[:, None]).any(0).float().mean(),
+            "recall": (distances <= knn_radii(fake, (3,))[3][:, None]).any(0).float().mean(),
             "density": in_real_balls[5].sum(1).float().mean() / 5,
             "coverage": in_real_balls[5].any(0).float().mean()}
 
