@@ -56,9 +56,9 @@ def run_script(script, *args, cwd, check=True, setup=None):
 def in_process(monkeypatch, capsys):
     """Runs one of our scripts as `python3 script args` in `cwd` would, but in this process (no
     torch import per run, a tenth of run_script's cost): returns a CompletedProcess with its exit
-    code, stdout and stderr. An exception other than SystemExit fails the test, as the traceback
-    it would print should."""
-    def run(script, *args, cwd):
+    code, stdout and stderr; with check, asserts that it succeeded. An exception other than
+    SystemExit fails the test, as the traceback it would print should."""
+    def run(script, *args, cwd, check=False):
         monkeypatch.chdir(cwd)
         monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
         handler = signal.getsignal(signal.SIGTERM)  # train.py installs its own
@@ -72,5 +72,7 @@ def in_process(monkeypatch, capsys):
         finally:
             signal.signal(signal.SIGTERM, handler)
         out = capsys.readouterr()
+        if check:
+            assert code == 0, f"{script} failed:\n{out.out}\n{out.err}"
         return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
     return run

@@ -22,9 +22,7 @@ def user(tmp_path, in_process, mnist_root):
     shutil.copytree(mnist_root, tmp_path / "data")
 
     def run(script, *args, check=False, data="data"):
-        result = in_process(script, "--data-root", data, "--device", "cpu", *args, cwd=tmp_path)
-        if check:
-            assert result.returncode == 0, result.stdout + result.stderr
+        result = in_process(script, "--data-root", data, "--device", "cpu", *args, cwd=tmp_path, check=check)
         return result.returncode, result.stdout, result.stderr
     return run
 

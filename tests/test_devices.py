@@ -120,26 +120,22 @@ def save_as_if_on_a_gpu(obj, path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does")
 def test_a_gpu_checkpoint_samples_and_resumes_on_a_cpu_only_machine(tmp_path, mnist_root, monkeypatch, in_process):
-    def run_script(script, *args, cwd):  # in this process: the suite's time goes to what is tested
-        result = in_process(script, *args, cwd=cwd)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result
 
     common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", tmp_path / "results"]
-    run_script("train.py", *common, "--epochs", "2", "--checkpoint-dir", "straight", cwd=tmp_path)
-    run_script("train.py", *common, "--epochs", "1", "--checkpoint-dir", "first", cwd=tmp_path)
+    in_process("train.py", *common, "--epochs", "2", "--checkpoint-dir", "straight", cwd=tmp_path, check=True)
+    in_process("train.py", *common, "--epochs", "1", "--checkpoint-dir", "first", cwd=tmp_path, check=True)
     checkpoint = torch.load(tmp_path / "first" / "mix_match_01.pth", weights_only=True)
     checkpoint["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # one GPU's generator state
     save_as_if_on_a_gpu(checkpoint, tmp_path / "gpu.pth", monkeypatch)
     with pytest.raises(RuntimeError, match="CUDA"):  # what loading without map_location would do
         torch.load(tmp_path / "gpu.pth", weights_only=True)
 
-    result = run_script("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint", "gpu.pth",
-                        "--out", "grid.png", cwd=tmp_path)
+    result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint", "gpu.pth",
+                        "--out", "grid.png", cwd=tmp_path, check=True)
     assert "wrote grid.png" in result.stdout
 
-    result = run_script("train.py", *common, "--epochs", "2", "--checkpoint-dir", "resumed", "--resume", "gpu.pth",
-                        cwd=tmp_path)
+    result = in_process("train.py", *common, "--epochs", "2", "--checkpoint-dir", "resumed", "--resume", "gpu.pth",
+                        cwd=tmp_path, check=True)
     assert "CUDA generator states for 1 GPU(s) and this machine has 0" in result.stdout
     assert "the CPU generator's state is restored" in result.stdout
     # the CPU generator drew this run's batches and Samplings, so the resumed run is the straight one

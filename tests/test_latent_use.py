@@ -127,25 +127,22 @@ def test_diversity_by_source_holds_the_other_source_fixed():
 
 
 def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, mnist_root, in_process):
-    def run_script(script, *args, cwd):  # in this process: the suite's time goes to what is tested
-        result = in_process(script, *args, cwd=cwd)
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result
 
     common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", "results"]
     model_flags = ["--decoder", "autoregressive", "--conditioning", "concat"]
-    run_script("train.py", *common, *model_flags, "--epochs", "2", "--checkpoint-dir", "straight", cwd=tmp_path)
-    run_script("train.py", *common, *model_flags, "--epochs", "1", "--checkpoint-dir", "first", cwd=tmp_path)
+    for epochs, folder in [(2, "straight"), (1, "first")]:
+        in_process("train.py", *common, *model_flags, "--epochs", epochs, "--checkpoint-dir", folder, cwd=tmp_path,
+                   check=True)
     # the model flags come from the checkpoint: the resumed run continues exactly
-    run_script("train.py", *common, "--epochs", "2", "--checkpoint-dir", "resumed", "--resume",
-               "first/mix_match_01.pth", cwd=tmp_path)
+    in_process("train.py", *common, "--epochs", "2", "--checkpoint-dir", "resumed", "--resume",
+               "first/mix_match_01.pth", cwd=tmp_path, check=True)
     straight = torch.load(tmp_path / "straight" / "mix_match_02.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "mix_match_02.pth", weights_only=True)
     assert (straight["config"]["decoder"], straight["config"]["conditioning"]) == ("autoregressive", "concat")
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
-    result = run_script("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
+    result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
                         "straight/mix_match_02.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
-                        "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=tmp_path)
+                        "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=tmp_path, check=True)
     assert "wrote grid.png: 20 rows x 6 columns" in result.stdout
     assert "concat conditioning, autoregressive decoder" in result.stdout
     metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
