@@ -360,8 +360,7 @@ def fidelity_key(metrics):
     """Which fidelity measure is the frontier's quality axis: precision or density, whichever varies
     less between the seeds at T = 1 (its sd over its mean, averaged over the conditionings)."""
     def relative_spread(key):
-        return statistics.mean(mean_sd(values)[1] / mean_sd(values)[0]
-                               for values in (seed_values(metrics, mode, key) for mode in MODES))
+        return statistics.mean(sd / mean for mean, sd in (mean_sd(seed_values(metrics, mode, key)) for mode in MODES))
     return min(("precision", "density"), key=relative_spread)
 
 
