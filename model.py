@@ -8,9 +8,11 @@ picks a random set I of `alpha` indices out of `hidden_dim`, and Resampling buil
 vector from two sources, one at I and the other at the complement. The layer names match the
 tutorial's, so its published state_dict loads with strict=True.
 
-Two options exist to test the paper's claim (README, "Does Mix-and-Match keep the latent in
-use?"): the ordinary concatenating CVAE (`conditioning="concat"`), and an autoregressive decoder
-(`decoder="autoregressive"`), expressive enough to do without the latent.
+Options exist to test the paper's claim (README, "Does Mix-and-Match keep the latent in use?"):
+the ordinary concatenating CVAE (`conditioning="concat"`), and two decoders expressive enough to do
+without the latent: an autoregressive one over pixels (`decoder="autoregressive"`), and the paper's
+own, a GRU over image rows whose initial state is the fusion (`decoder="recurrent"`,
+RecurrentDecoder below the model).
 """
 from dataclasses import dataclass
 
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 CONDITIONINGS = ("mix-and-match", "fixed", "concat")
-DECODERS = ("mlp", "autoregressive")
+DECODERS = ("mlp", "autoregressive", "recurrent")
+FRAME = 28  # one image row: a frame of the recurrent decoder, as a pose is one of the paper's
 
 
 @dataclass
@@ -33,8 +36,12 @@ class ModelConfig:
     # "concat": no Sampling, the two representations side by side, the ordinary CVAE
     conditioning: str = "mix-and-match"
     # "mlp": the tutorial's decoder, every pixel independent given the fused hidden vector;
-    # "autoregressive": top pixel i also sees the top pixels before it in raster order
+    # "autoregressive": top pixel i also sees the top pixels before it in raster order;
+    # "recurrent": the paper's GRU, one image row a step, its initial state the fusion
     decoder: str = "mlp"
+    # history dropout (Bowman et al. 2016, "word dropout"): in training, each previous pixel or
+    # frame the autoregressive or recurrent decoder is fed is zeros with this probability
+    history_dropout: float = 0.0
 
 
 def _encoder(in_dim, hidden_dim):
@@ -54,6 +61,9 @@ class MixAndMatchCVAE(nn.Module):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {config.conditioning!r}")
         if config.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {config.decoder!r}")
+        if not 0 <= config.history_dropout < 1 or (config.history_dropout and config.decoder == "mlp"):
+            raise ValueError(f"history_dropout must be in [0, 1), and 0 with the mlp decoder (it has no history), "
+                             f"got {config.history_dropout}")
         # concatenation keeps both representations whole, so the layers after it are twice as wide
         fused_dim = 2 * config.hidden_dim if config.conditioning == "concat" else config.hidden_dim
         self.data_encoder = _encoder(config.input_dim, config.hidden_dim)
@@ -63,6 +73,9 @@ class MixAndMatchCVAE(nn.Module):
         self.std = nn.Linear(fused_dim, config.latent_dim)
         # lifts z to hidden_dim so that Resampling can mix it with the condition
         self.decode_latent = nn.Sequential(nn.Linear(config.latent_dim, config.hidden_dim), nn.ReLU())
+        if config.decoder == "recurrent":  # the paper's decoder replaces the tutorial's
+            self.recurrent_decoder = RecurrentDecoder(fused_dim, config)
+            return
         self.data_decoder = nn.Sequential(
             nn.Linear(fused_dim, config.hidden_dim), nn.BatchNorm1d(config.hidden_dim), nn.ReLU(),
             nn.Linear(config.hidden_dim, config.output_dim), nn.Sigmoid(),
@@ -130,18 +143,22 @@ class MixAndMatchCVAE(nn.Module):
         # z = mu + sigma * eps keeps the sampling differentiable in mu and logvar
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def decode(self, z, condition_h, sampled_indices, data=None):
-        """Pixel probabilities of the top, (B, output_dim). The autoregressive decoder is
-        teacher-forced with the true top `data` (training, likelihoods) and generates its own
-        without it; the MLP decoder needs no top."""
+    def decode(self, z, condition_h, sampled_indices, data=None, condition=None, teacher_forcing=1.0):
+        """Pixel probabilities of the top, (B, output_dim). The expressive decoders are teacher-forced
+        with the true top `data` (training, likelihoods) and generate their own without it; the MLP
+        decoder needs no top. The recurrent decoder also reads the `condition`'s pixels next to the
+        top, and is fed the true frame with probability `teacher_forcing`, else its own."""
         # the decoder sees the condition at I and the lifted latent at the complement Ī
         fused = self.combine(condition_h, self.decode_latent(z), sampled_indices)
         if self.config.decoder == "mlp":
             return self.data_decoder(fused)
+        if self.config.decoder == "recurrent":
+            return self.recurrent_decoder(fused, condition, data, teacher_forcing)
         logits = self.data_decoder[:-1](fused)  # (B, output_dim), before the Sigmoid
         weight = self.previous_pixels.weight * self.causal_mask  # no gradient reaches pixel i or later
         if data is not None:
-            return torch.sigmoid(logits + data @ weight.T)  # every pixel from the true ones before it
+            history = drop_history(data, self.config.history_dropout) if self.training else data
+            return torch.sigmoid(logits + history @ weight.T)  # every pixel from the true ones before it
         return self.generate(logits, weight)
 
     @staticmethod
@@ -155,9 +172,10 @@ class MixAndMatchCVAE(nn.Module):
             logits[:, i + 1:].addr_(top[:, i], weight[i + 1:, i])  # (B, pixels after i)
         return top
 
-    def forward(self, data, condition, alpha, curriculum_stage=None):
+    def forward(self, data, condition, alpha, curriculum_stage=None, teacher_forcing=1.0):
         """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar). The
-        reconstruction of the autoregressive decoder is teacher-forced with `data`."""
+        reconstruction of the expressive decoders is teacher-forced with `data` (the recurrent one's
+        with probability `teacher_forcing` per frame)."""
         self._check_width(data, self.config.input_dim, "data")
         self._check_width(condition, self.config.condition_dim, "condition")
         sampled_indices, _ = self.sampling(alpha, curriculum_stage)
@@ -165,7 +183,7 @@ class MixAndMatchCVAE(nn.Module):
         condition_h = self.condition_encoder(condition)  # (B, hidden_dim)
         mu, logvar = self.encode(data, condition_h, sampled_indices)
         z = self.reparameterize(mu, logvar)
-        return self.decode(z, condition_h, sampled_indices, data), mu, logvar
+        return self.decode(z, condition_h, sampled_indices, data, condition, teacher_forcing), mu, logvar
 
     @torch.no_grad()
     def sample(self, condition, alpha, z=None, temperature=1.0, sampled_indices=None):
@@ -180,9 +198,97 @@ class MixAndMatchCVAE(nn.Module):
         self._check_width(z, self.config.latent_dim, "z")
         if sampled_indices is None:
             sampled_indices = self.sampling(alpha)[0]
-        return self.decode(z, self.condition_encoder(condition), sampled_indices)
+        return self.decode(z, self.condition_encoder(condition), sampled_indices, condition=condition)
 
     @staticmethod
     def _check_width(x, width, name):
         if x.dim() != 2 or x.shape[1] != width:
             raise ValueError(f"{name} must have shape (batch, {width}), got {tuple(x.shape)}")
+
+
+def drop_history(history, p):
+    """History dropout (Bowman et al. 2016, "word dropout", section 3.2): each previous pixel (B, T),
+    or each previous frame (B, T, FRAME), is zeros with probability p, so that the decoder must
+    take what it loses from z. p = 0 draws nothing: training is then as without it, bit for bit."""
+    if p == 0:
+        return history
+    keep = torch.rand(history.shape[:2], device=history.device) >= p  # (B, T)
+    return history * keep.view(keep.shape + (1,) * (history.dim() - 2))
+
+
+class RecurrentDecoder(nn.Module):
+    """The paper's decoder (section 3.2): a GRU whose initial state is the decoder's fusion h_z,
+    "from which the future poses are obtained via the RNN decoder". Here a frame is an image row:
+    the decoder runs outward from the condition, as a motion decoder runs from the last observed
+    pose into the future, row 17 first and row 0 last. Each step reads the frame below the one it
+    outputs (the first step: row 18, the condition's top row) and outputs that frame's pixel
+    probabilities, independent given the state, as a pose's coordinates are in the paper.
+
+    The split at pixel 500 cuts row 17: its last 4 pixels are condition. Its output for them is
+    dropped, and the row fed to the next step carries the true ones, in generation too."""
+
+    def __init__(self, fused_dim, config):
+        super().__init__()
+        self.rows = -(-config.output_dim // FRAME)  # 18: the top's rows, the last shared with the condition
+        self.shared = self.rows * FRAME - config.output_dim  # 4: that row's pixels that are condition
+        if (config.output_dim + config.condition_dim) % FRAME or config.condition_dim < self.shared + FRAME:
+            raise ValueError(f"the recurrent decoder needs images of rows of {FRAME} pixels and the row below the "
+                             f"top in the condition, got output_dim {config.output_dim}, condition_dim "
+                             f"{config.condition_dim}")
+        self.output_dim, self.history_dropout = config.output_dim, config.history_dropout
+        # the ordinary CVAE's fusion is twice as wide: one linear layer gives the state its size
+        self.initial_state = nn.Identity() if fused_dim == config.hidden_dim else nn.Linear(fused_dim,
+                                                                                           config.hidden_dim)
+        self.gru = nn.GRU(FRAME, config.hidden_dim, batch_first=True)
+        self.frame = nn.Linear(config.hidden_dim, FRAME)  # a frame's pixel logits from the state
+
+    def forward(self, fused, condition, data=None, teacher_forcing=1.0):
+        """(B, output_dim) probabilities. Teacher-forced (data given, teacher_forcing 1) in one GRU
+        call; else step by step, each step fed the true frame with probability teacher_forcing
+        and otherwise its own output (always, without data)."""
+        state = self.initial_state(fused)[None].contiguous()  # (1, B, hidden_dim): h_z
+        first = condition[:, self.shared:self.shared + FRAME]  # (B, FRAME): row 18
+        if data is None:
+            return self.generate(state, first, condition[:, :self.shared])
+        # rows 18, 17, ..., 0: the inputs are the first 18, the targets the last 18
+        frames = torch.cat([data, condition[:, :self.shared + FRAME]], 1).unflatten(1, (-1, FRAME)).flip(1)
+        inputs = frames[:, :-1]  # (B, rows, FRAME)
+        if self.training and self.history_dropout:  # the rows the decoder made, not the condition's row 18
+            inputs = torch.cat([inputs[:, :1], drop_history(inputs[:, 1:], self.history_dropout)], 1)
+        if teacher_forcing == 1:
+            states, _ = self.gru(inputs, state)  # (B, rows, hidden_dim)
+            return self.to_top(torch.sigmoid(self.frame(states)))
+        # scheduled sampling (Bengio et al. 2015), as the paper trains: per image and frame, the true
+        # frame with probability teacher_forcing, else the decoder's own output. Its own output is
+        # fed without a gradient, as a sampled frame would be
+        true_fed = torch.rand(inputs.shape[:2], device=inputs.device) < teacher_forcing  # (B, rows)
+        frame, outputs = inputs[:, 0], []
+        for t in range(self.rows):
+            step, state = self.gru(frame[:, None], state)
+            outputs.append(torch.sigmoid(self.frame(step[:, 0])))  # (B, FRAME)
+            if t + 1 < self.rows:
+                own = self.known_pixels(outputs[-1].detach(), t, condition[:, :self.shared])
+                if self.training and self.history_dropout:
+                    own = drop_history(own[:, None], self.history_dropout)[:, 0]
+                frame = torch.where(true_fed[:, t + 1, None], inputs[:, t + 1], own)
+        return self.to_top(torch.stack(outputs, 1))
+
+    def generate(self, state, first, shared_pixels):
+        """The decoder fed its own frames, as probabilities (as the autoregressive decoder generates),
+        so that z and the Sampling fix the completion; one step a row for the whole batch."""
+        frame, outputs = first, []
+        for t in range(self.rows):
+            step, state = self.gru(frame[:, None], state)
+            outputs.append(torch.sigmoid(self.frame(step[:, 0])))
+            frame = self.known_pixels(outputs[-1], t, shared_pixels)
+        return self.to_top(torch.stack(outputs, 1))
+
+    def known_pixels(self, frame, t, shared_pixels):
+        """The frame fed after step t: row 17 (t = 0) with its condition pixels put back."""
+        if t or not self.shared:
+            return frame
+        return torch.cat([frame[:, :FRAME - self.shared], shared_pixels], 1)
+
+    def to_top(self, frames):
+        """(B, rows, FRAME) in decoding order (row 17 first) -> the top (B, output_dim) in raster order."""
+        return frames.flip(1).flatten(1)[:, :self.output_dim]

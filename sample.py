@@ -151,6 +151,10 @@ def run(parser, args):
         set_seed(args.seed)  # the metrics' own draws: the grid, --figure and --n-images do not move them
         rows = evaluation_metrics(model, classifier, test_images[:args.n_eval], alpha, args.n_samples,
                                   args.n_importance, args.temperature, real)
+        free_bits = checkpoint.get("args", {}).get("free_bits")
+        if free_bits:  # the table is the model's likelihood, not what it was trained on
+            print(f"trained with free bits {free_bits:g}: the likelihoods below are the model's true ELBO and IW "
+                  f"NLL, not its training objective")
         print_metrics(rows, model.config.conditioning)
         if args.json:
             save_json({"checkpoint": checkpoint_path, "conditioning": model.config.conditioning,

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from model import CONDITIONINGS, DECODERS, MixAndMatchCVAE, ModelConfig
 from utils import (
     TUTORIAL_ALPHA,
+    free_bits_kl,
     get_device,
     join_image,
     kl_anneal_function,
@@ -41,12 +42,17 @@ from utils import (
 # KL annealing (tutorial): the KL weight follows a logistic ramp over training steps,
 # 0.007 at step 0, 0.5 at step 2500 (epoch ~5.3 with batch 128), ~1 from step 5000 on
 ANNEAL_FUNCTION, ANNEAL_K, ANNEAL_X0 = "logistic", 0.002, 2500
+# the recurrent decoder's teacher forcing (paper, section 4): its probability falls linearly from 1
+# over this many epochs, then the decoder is fed its own frames: half of a 50-epoch run, so that the
+# model trains as long in the regime it generates in as it takes to get there
+TEACHER_FORCING_EPOCHS = 25
 # the tutorial's values of the flags that --resume takes from the checkpoint when they are not given
 TUTORIAL = {"alpha": TUTORIAL_ALPHA, "hidden_dim": ModelConfig.hidden_dim, "latent_dim": ModelConfig.latent_dim,
             "conditioning": ModelConfig.conditioning, "decoder": ModelConfig.decoder, "curriculum_step": 0,
-            "lr": 1e-4, "batch_size": 128}
+            "history_dropout": 0.0, "free_bits": 0.0, "lr": 1e-4, "batch_size": 128}
 # fixed by a checkpoint
-MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "decoder", "curriculum_step")
+MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "decoder", "curriculum_step", "history_dropout",
+               "free_bits", "teacher_forcing_epochs")
 # results/curves.png is redrawn once this many seconds have passed since its last drawing, and after
 # the last epoch: a drawing takes about 0.12 s (0.35 s the first, which imports matplotlib), against a
 # 1.7 s CPU epoch (tests/bench_train.py)
@@ -67,7 +73,18 @@ def main():
                              "(default: mix-and-match)")
     parser.add_argument("--decoder", choices=DECODERS,
                         help="mlp: the tutorial's; autoregressive: each top pixel also sees the pixels before "
-                             "it (default: mlp)")
+                             "it; recurrent: the paper's GRU over image rows, its initial state the fusion "
+                             "(default: mlp)")
+    parser.add_argument("--teacher-forcing-epochs", type=int, metavar="N",
+                        help="recurrent decoder: the probability of feeding the true previous row falls "
+                             f"linearly from 1 to 0 over N epochs, then it is fed its own; 0 = always the true "
+                             f"one (default: {TEACHER_FORCING_EPOCHS} with --decoder recurrent, else 0)")
+    parser.add_argument("--history-dropout", type=float, metavar="P",
+                        help="autoregressive and recurrent decoders: in training, each previous pixel or row "
+                             "they are fed is zeros with probability P (Bowman et al. 2016) (default: 0)")
+    parser.add_argument("--free-bits", type=float, metavar="LAMBDA",
+                        help="train on max(LAMBDA, KL) per latent unit, the KL averaged over the batch (Kingma "
+                             "et al. 2016), in nats; 0 = the tutorial's loss (default: 0)")
     parser.add_argument("--curriculum-step", type=int, metavar="N",
                         help="curriculum of perturbation (paper, section 3.3): stage floor(e / N) at "
                              "epoch e (from 0); 0 = off, the tutorial (default: 0)")
@@ -78,9 +95,10 @@ def main():
                         help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--resume", metavar="PATH",
-                        help="continue a run exactly from its checkpoint: the model flags (--alpha, sizes, "
-                             "--conditioning, --decoder, --curriculum-step), and --lr and --batch-size unless "
-                             "given, come from it")
+                        help="continue a run exactly from its checkpoint: the model and loss flags (--alpha, "
+                             "sizes, --conditioning, --decoder, --curriculum-step, --teacher-forcing-epochs, "
+                             "--history-dropout, --free-bits), and --lr and --batch-size unless given, come "
+                             "from it")
     args = parser.parse_args()
 
     # everything a user can get wrong is checked here, before data is loaded or an epoch trained
@@ -92,6 +110,13 @@ def main():
         parser.error(f"--alpha must be in 0..{args.hidden_dim} (--hidden-dim), got {args.alpha}")
     if args.curriculum_step < 0 or (args.curriculum_step and args.conditioning != "mix-and-match"):
         parser.error("--curriculum-step must be >= 0, and 0 unless --conditioning mix-and-match")
+    if args.teacher_forcing_epochs < 0 or (args.teacher_forcing_epochs and args.decoder != "recurrent"):
+        parser.error("--teacher-forcing-epochs must be >= 0, and 0 unless --decoder recurrent")
+    if not 0 <= args.history_dropout < 1 or (args.history_dropout and args.decoder == "mlp"):
+        parser.error(f"--history-dropout must be in [0, 1), and 0 with the mlp decoder, which is fed no history; "
+                     f"got {args.history_dropout:g} with --decoder {args.decoder}")
+    if not 0 <= args.free_bits < math.inf:
+        parser.error(f"--free-bits must be a number of nats >= 0, got {args.free_bits:g}")
     if args.batch_size < 2:
         parser.error("--batch-size must be at least 2: BatchNorm cannot normalise a batch of one image")
     if checkpoint and checkpoint["epoch"] >= args.epochs:
@@ -110,7 +135,7 @@ def main():
             start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
         else:
             config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, conditioning=args.conditioning,
-                                 decoder=args.decoder)
+                                 decoder=args.decoder, history_dropout=args.history_dropout)
             model, start_epoch, step, history = build_model(config, device), 1, 0, []
         # fused: one kernel updates all parameters; the default per-parameter loop costs more than
         # this small model's arithmetic on a CPU (tests/bench_train.py)
@@ -125,19 +150,25 @@ def main():
         save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
         sampling = "no Sampling" if args.conditioning == "concat" else f"alpha {args.alpha}"
         print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, {sampling}, {args.conditioning} "
-              f"conditioning, {args.decoder} decoder, curriculum step {args.curriculum_step or 'off'}")
+              f"conditioning, {args.decoder} decoder, curriculum step {args.curriculum_step or 'off'}"
+              + (f", teacher forcing over {args.teacher_forcing_epochs} epochs" if args.teacher_forcing_epochs else "")
+              + (f", history dropout {args.history_dropout:g}" if args.history_dropout else "")
+              + (f", free bits {args.free_bits:g}" if args.free_bits else ""))
         curves_drawn = time.time()
         for epoch in range(start_epoch, args.epochs + 1):
             t0 = time.time()
             stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
-            rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage)
+            teacher_forcing = teacher_forcing_probability(epoch, args.teacher_forcing_epochs)
+            rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage,
+                                        teacher_forcing, args.free_bits)
             test_loss = evaluate(model, test_images, args.alpha)  # with the Sampling used at test time
             if not all(map(math.isfinite, (rec, kl, test_loss))) or not is_finite(model):
                 stop(1, f"error: training diverged in epoch {epoch} (train BCE {rec:.4g}, KL {kl:.4g}, test loss "
                         f"{test_loss:.4g}); no checkpoint was written for it. "
                         + how_to_continue(parser, args, last_checkpoint, diverged=True))
             record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
-                      "test_loss": test_loss, "curriculum_stage": stage, "seconds": time.time() - t0}
+                      "test_loss": test_loss, "curriculum_stage": stage, "teacher_forcing": teacher_forcing,
+                      "seconds": time.time() - t0}
             history.append(record)
             with signals_deferred():  # Ctrl-C waits for this epoch's files, so that the message can name them
                 save_reconstructions(model, test_images[:100], args.alpha,
@@ -152,7 +183,8 @@ def main():
                     curves_drawn = time.time()
             print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
                   f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
-                  + ("" if stage is None else f" | curriculum stage {stage}"), flush=True)
+                  + ("" if stage is None else f" | curriculum stage {stage}")
+                  + (f" | teacher forcing {teacher_forcing:.2f}" if args.teacher_forcing_epochs else ""), flush=True)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through raise_keyboard_interrupt
         signum = e.args[0] if e.args else signal.SIGINT
         where = "before training started" if epoch is None else f"in epoch {epoch}"
@@ -197,18 +229,23 @@ def resolve_run_flags(args, checkpoint):
     --lr and --batch-size may change."""
     saved = {}
     if checkpoint:
-        # through ModelConfig: a checkpoint from before --decoder existed gets its default, the MLP
+        # through ModelConfig: a checkpoint from before --decoder existed gets its default, the MLP;
+        # one from before --free-bits and --teacher-forcing-epochs trained without them
+        kept_in_args = ("lr", "batch_size", "free_bits", "teacher_forcing_epochs")
         saved = {**asdict(ModelConfig(**checkpoint["config"])), "alpha": checkpoint["alpha"],
-                 "curriculum_step": checkpoint["curriculum_step"],
-                 **{name: checkpoint["args"][name] for name in ("lr", "batch_size") if name in checkpoint["args"]}}
+                 "curriculum_step": checkpoint["curriculum_step"], "teacher_forcing_epochs": 0, "free_bits": 0.0,
+                 **{name: checkpoint["args"][name] for name in kept_in_args if name in checkpoint["args"]}}
     contradictions = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint has {saved[name]})"
                       for name in MODEL_FLAGS if checkpoint and getattr(args, name) not in (None, saved[name])]
     if contradictions:
-        raise SystemExit(f"error: {', '.join(contradictions)}: a resumed run keeps its checkpoint's model. "
+        raise SystemExit(f"error: {', '.join(contradictions)}: a resumed run keeps its checkpoint's model and loss. "
                          f"Leave these flags out, or start a new run without --resume.")
     for name, default in TUTORIAL.items():
         if getattr(args, name) is None:
             setattr(args, name, saved.get(name, default))
+    if args.teacher_forcing_epochs is None:  # the paper's schedule where there is a recurrent decoder to feed
+        args.teacher_forcing_epochs = saved.get("teacher_forcing_epochs",
+                                                TEACHER_FORCING_EPOCHS if args.decoder == "recurrent" else 0)
 
 
 def how_to_continue(parser, args, last_checkpoint, diverged=False):
@@ -258,10 +295,19 @@ def curriculum_stage(epoch, curriculum_step, alpha, hidden_dim):
     return stage if stage < min(alpha / 2, (hidden_dim - alpha) / 2) else None
 
 
-def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_stage=None):
+def teacher_forcing_probability(epoch, teacher_forcing_epochs):
+    """The recurrent decoder's probability of being fed the true previous row in epoch e (from 1):
+    1 at the first epoch, falling linearly to 0 at epoch N + 1 (paper, section 4); always 1 with N = 0."""
+    if teacher_forcing_epochs == 0:
+        return 1.0
+    return max(0.0, 1 - (epoch - 1) / teacher_forcing_epochs)
+
+
+def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_stage=None, teacher_forcing=1.0,
+                free_bits=0.0):
     """One pass over the training images in shuffled batches of batch_size, the last partial one
     kept unless it holds a single image (BatchNorm cannot train on it); returns (BCE per image,
-    KL per image, step)."""
+    KL per image, step). The KL returned is the true one, also when free bits changes the loss."""
     model.train()
     rec_sum = kl_sum = 0.0
     trained = 0
@@ -273,9 +319,10 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
             continue
         # the DataLoader makes its indices on the CPU; CUDA's index_select needs them on the images' device
         data, condition = split_image(images.index_select(0, indices.to(images.device)))  # faster than images[indices]
-        reconstruction, mu, logvar = model(data, condition, alpha, curriculum_stage)
+        reconstruction, mu, logvar = model(data, condition, alpha, curriculum_stage, teacher_forcing)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
-        loss = bce + anneal_weight(step) * kl  # the KL weight is annealed per step, not per epoch
+        objective = free_bits_kl(mu, logvar, free_bits) if free_bits else kl
+        loss = bce + anneal_weight(step) * objective  # the KL weight is annealed per step, not per epoch
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -70,6 +70,16 @@ class BinaryCrossEntropySum(torch.autograd.Function):
         return torch.ops.aten.binary_cross_entropy_backward(grad, probabilities, target, None, reduction_sum), None
 
 
+def free_bits_kl(mu, logvar, free_bits):
+    """Free bits (Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow",
+    NeurIPS 2016, its appendix on free bits): the KL of each latent unit, averaged over the batch,
+    counts as at least free_bits nats, sum_u max(free_bits, mean_batch KL_u), times the batch size to sum over it as
+    loss_terms does. Below free_bits a unit's KL has no gradient: nothing is gained by pushing it
+    lower, so the optimiser need not give the unit up."""
+    kl_per_unit = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # (B, latent_dim)
+    return len(mu) * kl_per_unit.mean(0).clamp_min(free_bits).sum()
+
+
 def loss_terms(reconstruction, data, mu, logvar):
     """The two ELBO terms, summed over the batch: BCE of the completed pixels, and KL."""
     return BinaryCrossEntropySum.apply(reconstruction, data), kl_divergence(mu, logvar).sum()
@@ -540,7 +550,8 @@ def posterior_draws(model, data, condition, alpha, n_importance):
         sampled_indices, _ = model.sampling(alpha)
         mu, logvar = model.encode(data, condition_h, sampled_indices)
         z = model.reparameterize(mu, logvar)
-        reconstruction = model.decode(z, condition_h, sampled_indices, data)  # teacher-forced: p(data | z, ...)
+        # teacher-forced: p(data | z, condition, I)
+        reconstruction = model.decode(z, condition_h, sampled_indices, data, condition)
         bce.append(F.binary_cross_entropy(reconstruction, data, reduction="none").sum(1))
         kl.append(kl_divergence(mu, logvar))
         log_p, log_q = log_normal(z, torch.zeros_like(mu), torch.zeros_like(logvar)), log_normal(z, mu, logvar)

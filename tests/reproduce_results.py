@@ -10,9 +10,10 @@ Section "results" (README, Results):
 - The frontier: each mode's seed-0 model at the temperatures TEMPERATURES; the default model at
   test-time alphas TEST_ALPHAS; mix-and-match and fixed trained at TRAIN_ALPHAS (seed 0), at T = 1.
 Section "latent-use" (README, "Does Mix-and-Match keep the latent in use?"):
-- mix-and-match, fixed and concat, each with the MLP and the autoregressive decoder, seeds 0, 1
-  and 2 (the MLP's mix-and-match and fixed are the runs of "results"); the autoregressive seed-0
-  runs continued to LONG_EPOCHS; each measured at T = 1.
+- mix-and-match, fixed and concat, each with the MLP, the autoregressive and the recurrent decoder
+  (the paper's schedule of teacher forcing), seeds 0, 1 and 2 (the MLP's mix-and-match and fixed
+  are the runs of "results"); the recurrent mix-and-match and fixed always teacher-forced too; the
+  autoregressive and recurrent seed-0 runs continued to LONG_EPOCHS; each measured at T = 1.
 
 The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
 and a training that was interrupted resumes from its newest checkpoint, so the same command
@@ -49,7 +50,11 @@ TRAIN_ALPHAS = (16, 32, 96, 112)  # 64, the default, is the seed runs
 EPOCHS = 50
 # latent use: every conditioning with each decoder (run names "concat-seed0", "ar-fixed-seed1", ...)
 CONDITIONINGS = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "concat": ["--conditioning", "concat"]}
-DECODERS = {"mlp": ("", []), "autoregressive": ("ar-", ["--decoder", "autoregressive"])}  # run-name prefix, flags
+DECODERS = {"mlp": ("", []), "autoregressive": ("ar-", ["--decoder", "autoregressive"]),  # run-name prefix, flags
+            "recurrent": ("rnn-", ["--decoder", "recurrent"])}  # with train.py's schedule of teacher forcing
+# the recurrent decoder always teacher-forced, to tell what feeding back its own rows changes
+ALWAYS_FORCED = ("rnn-tf-", ["--decoder", "recurrent", "--teacher-forcing-epochs", "0"], ("mix-and-match", "fixed"))
+LONG_PREFIXES = ("rnn-", "ar-")  # the decoders whose seed-0 runs are continued to LONG_EPOCHS
 LONG_EPOCHS = 200  # the autoregressive KLs still fall at epoch 50
 SHIPPED = os.path.join(REPO, "checkpoint", "mix_match_50.pth")  # measured as the run "shipped"
 SECTIONS = ("latent-use", "results")  # the longest chains of runs first
@@ -118,17 +123,26 @@ def copy_grids(args, grids):
 
 
 def latent_runs():
-    """{run name: train.py flags} of the latent-use grid: conditioning x decoder x seed."""
-    return {f"{prefix}{mode}-seed{seed}": [*flags, *decoder_flags, "--seed", str(seed)]
+    """{run name: train.py flags} of the latent-use grid: conditioning x decoder x seed, and the
+    recurrent decoder always teacher-forced."""
+    runs = {f"{prefix}{mode}-seed{seed}": [*flags, *decoder_flags, "--seed", str(seed)]
             for prefix, decoder_flags in DECODERS.values() for mode, flags in CONDITIONINGS.items() for seed in SEEDS}
+    prefix, decoder_flags, modes = ALWAYS_FORCED
+    runs.update({f"{prefix}{mode}-seed{seed}": [*CONDITIONINGS[mode], *decoder_flags, "--seed", str(seed)]
+                 for mode in modes for seed in SEEDS})
+    return runs
 
 
 def training_runs(section):
     """{run name: (train.py flags, epochs, the run it continues or None)} for a section's trainings."""
     if section == "latent-use":
         # the longest chains first (seed 0, then its continuation), so that two reproductions share the work
-        runs = {f"ar-{mode}-seed0": (latent_runs()[f"ar-{mode}-seed0"], EPOCHS, None) for mode in CONDITIONINGS}
-        runs.update({f"ar-{mode}-seed0-long": ([], LONG_EPOCHS, f"ar-{mode}-seed0") for mode in CONDITIONINGS})
+        runs = {}
+        for prefix in LONG_PREFIXES:
+            runs.update({f"{prefix}{mode}-seed0": (latent_runs()[f"{prefix}{mode}-seed0"], EPOCHS, None)
+                         for mode in CONDITIONINGS})
+            runs.update({f"{prefix}{mode}-seed0-long": ([], LONG_EPOCHS, f"{prefix}{mode}-seed0")
+                         for mode in CONDITIONINGS})
         runs.update({name: (flags, EPOCHS, None) for name, flags in latent_runs().items() if name not in runs})
         return runs
     runs = {f"{mode}-seed{seed}": [*flags, "--seed", str(seed)] for mode, flags in MODES.items() for seed in SEEDS}
@@ -141,7 +155,8 @@ def measurements(section):
     """{measurement name: (run name, sample.py flags)} for a section's metrics runs."""
     if section == "latent-use":
         todo = {f"{name}-T1": (name, []) for name in latent_runs()}
-        todo.update({f"ar-{mode}-seed0-long-T1": (f"ar-{mode}-seed0-long", []) for mode in CONDITIONINGS})
+        todo.update({f"{prefix}{mode}-seed0-long-T1": (f"{prefix}{mode}-seed0-long", [])
+                     for prefix in LONG_PREFIXES for mode in CONDITIONINGS})
         return todo
     todo = {f"{mode}-seed{seed}-T1": (f"{mode}-seed{seed}", []) for mode in MODES for seed in SEEDS}
     todo["shipped-T1"] = ("shipped", [])  # trained on another CPU: its own column

@@ -60,24 +60,28 @@ def record(fn, *args):
     return recorder
 
 
-@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conditioning="concat", decoder="autoregressive")],
-                         ids=["tutorial", "concat-ar"])
-def test_train_epoch_keeps_every_tensor_on_the_data_device(config):
+@pytest.mark.parametrize("config, teacher_forcing, free_bits", [
+    (ModelConfig(), 1.0, 0.0),
+    (ModelConfig(conditioning="concat", decoder="autoregressive", history_dropout=0.2), 1.0, 0.5),
+    (ModelConfig(decoder="recurrent", history_dropout=0.2), 0.5, 0.5)], ids=["tutorial", "concat-ar", "recurrent"])
+def test_train_epoch_keeps_every_tensor_on_the_data_device(config, teacher_forcing, free_bits):
     model = MixAndMatchCVAE(config).to(META)
     # train.py's fused Adam refuses meta tensors; the plain loop makes the same updates op by op
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=False)
-    recorder = record(train_epoch, model, optimizer, torch.empty(300, 784, device=META), 128, 64, 0)
+    recorder = record(train_epoch, model, optimizer, torch.empty(300, 784, device=META), 128, 64, 0, None,
+                      teacher_forcing, free_bits)
     assert recorder.mixed == []
     # the whole epoch ran: three batches (128, 128, 44) of forward, backward and Adam, then .item()
     assert recorder.ops.count("aten.binary_cross_entropy_backward.default") == 3
     assert recorder.ops[-1] in ITEM
 
 
-@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conditioning="concat", decoder="autoregressive")],
-                         ids=["tutorial", "concat-ar"])
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conditioning="concat", decoder="autoregressive"),
+                                    ModelConfig(conditioning="concat", decoder="recurrent")],
+                         ids=["tutorial", "concat-ar", "concat-recurrent"])
 def test_evaluation_sampling_and_metrics_keep_every_tensor_on_the_data_device(config):
     # K = 2 completions for the autoregressive decoder: each generated pixel's ops pass the recorder
-    k = 2 if config.decoder == "autoregressive" else 5
+    k = 2 if config.decoder != "mlp" else 5
     model = MixAndMatchCVAE(config).to(META).eval()
     images = torch.empty(30, 784, device=META)
     data, condition = split_image(images)
