@@ -8,6 +8,7 @@ z ~ N(0, T^2 I) (T = --temperature, 1 being the tutorial's prior) and its own Sa
     python3 sample.py --data-root ./data
 """
 import argparse
+import math
 import os
 import sys
 
@@ -46,12 +47,14 @@ from utils import (
 )
 
 CHECKPOINT_DIR = "checkpoint"
+# the metrics' caches (digit classifier, bottom neighbours): one per MNIST, shared by every checkpoint
+CACHE_FILES = ("digit_classifier.pth", "mnist_neighbours.pth")
 # pseudo ground truths per test bottom for the conditional measures: the 10th nearest training
 # bottom is still a third of a random pair's distance away (median 1.87 against 5.63 on MNIST)
 # and barely farther than the nearest (1.39); beyond, the neighbours' digits agree less
 NEIGHBOURS = 10
-# fidelity and coverage need this many test images left out of --n-eval as the real set: k-NN
-# balls of k = 5 need 6 points
+# fidelity and coverage compare sets of this many points at least: k-NN balls of k = 5 need 6, so
+# the test images left out of --n-eval, and --n-eval x --n-samples completions, must be as many
 MIN_HELD_OUT = 6
 
 
@@ -78,6 +81,10 @@ def main():
     parser.add_argument("--n-importance", type=positive_int, default=100,
                         help="importance samples per image for the NLL of --metrics (default: 100)")
     parser.add_argument("--json", metavar="PATH", help="with --metrics, also write them to PATH as JSON")
+    parser.add_argument("--cache-dir", default=CHECKPOINT_DIR,
+                        help="with --metrics, where the digit classifier and the bottom neighbours are cached, "
+                             "built on first use; another folder where checkpoint/ is read-only "
+                             f"(default: {CHECKPOINT_DIR})")
     args = parser.parse_args()
     try:
         run(parser, args)
@@ -94,12 +101,16 @@ def run(parser, args):
     check_output_file(args.out, "--out", image_formats())
     if args.figure:
         check_output_file(args.figure, "--figure", figure_formats())
-    classifier_path = os.path.join(CHECKPOINT_DIR, "digit_classifier.pth")
-    neighbours_path = os.path.join(CHECKPOINT_DIR, "mnist_neighbours.pth")
+    classifier_path, neighbours_path = (os.path.join(args.cache_dir, name) for name in CACHE_FILES)
     if args.metrics and not (os.path.isfile(classifier_path) and os.path.isfile(neighbours_path)):
-        writable_dir(CHECKPOINT_DIR, "the metrics' cache folder")
+        writable_dir(args.cache_dir, "--cache-dir")
     if args.metrics and args.n_samples < 2:
         parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
+    if args.metrics and args.n_eval < 2:
+        parser.error("--metrics needs --n-eval >= 2 (active units compare the posterior means of images)")
+    if args.metrics and args.n_eval * args.n_samples < MIN_HELD_OUT:
+        parser.error(f"--metrics needs --n-eval x --n-samples >= {MIN_HELD_OUT} completions (the fidelity measures' "
+                     f"k-NN balls of k = 5), got {args.n_eval} x {args.n_samples}")
     if args.json and not args.metrics:
         parser.error("--json writes the metrics: add --metrics")
     if args.json:
@@ -155,7 +166,7 @@ def run(parser, args):
         if free_bits:  # the table is the model's likelihood, not what it was trained on
             print(f"trained with free bits {free_bits:g}: the likelihoods below are the model's true ELBO and IW "
                   f"NLL, not its training objective")
-        print_metrics(rows, model.config.conditioning)
+        print_metrics(rows, model.config, alpha)
         if args.json:
             save_json({"checkpoint": checkpoint_path, "conditioning": model.config.conditioning,
                        "decoder": model.config.decoder, "alpha": alpha,
@@ -208,8 +219,9 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
     # for all K, so that only z differs; one z per image held for all K, so that only I differs
     z_alone = complete(model, condition, alpha, n_samples, temperature, sampled_indices=model.sampling(alpha)[0])
     one_z = temperature * torch.randn(len(images), model.config.latent_dim, device=images.device)
-    no_sampling = model.config.conditioning != "mix-and-match"  # I never changes: 0 by construction
-    sampling_alone = None if no_sampling else complete(model, condition, alpha, n_samples, z=one_z)
+    undefined = zero_by_construction(model.config, alpha)
+    sampling_alone = (None if "diversity_sampling" in undefined else
+                      complete(model, condition, alpha, n_samples, z=one_z))
     fidelity, fidelity_of_real = fidelity_rows(classifier, completed, real)
     neighbour_tops, threshold = real["neighbour_tops"], real["threshold"]
     multimodal = multimodal_distances(split_image(completed)[0], neighbour_tops, threshold)
@@ -224,7 +236,8 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
         ("diversity_z", "diversity from z alone (one Sampling for the K)",
          completion_distances(split_image(z_alone)[0], data)[0].mean(), None),
         ("diversity_sampling", "diversity from the Sampling alone (one z for the K)",
-         None if no_sampling else completion_distances(split_image(sampling_alone)[0], data)[0].mean(), None),
+         None if sampling_alone is None else completion_distances(split_image(sampling_alone)[0], data)[0].mean(),
+         None),
         ("best_of_k", "best-of-K distance to the true top", best_error.mean(), None),
         ("mean_distance", "mean distance to the true top", mean_error.mean(), None),
         ("active_units", f"active latent units (of {model.config.latent_dim})", active_units(means), None),
@@ -238,8 +251,34 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
         ("mm_coverage", f"share of neighbour tops within {threshold:.2f} of one", multimodal[1].mean(),
          multimodal_of_truth[1].mean()),
     ]
-    return [(key, name, value if value is None or isinstance(value, int) else float(value),
-             None if ref is None else float(ref)) for key, name, value, ref in rows]
+    # n/a where a zero would read as a finding, and where a measure is not a number for these images
+    # (strict JSON has no NaN)
+    return [(key, name, None if key in undefined else finite_or_none(value), finite_or_none(ref))
+            for key, name, value, ref in rows]
+
+
+def finite_or_none(value):
+    if value is None or isinstance(value, int):
+        return value
+    return float(value) if math.isfinite(value) else None
+
+
+def zero_by_construction(config, alpha):
+    """{metric key: why} for the diversity by source that is 0 by construction: the Sampling alone
+    where I never changes, or changes nothing; z alone where the decoder takes no entry from z."""
+    why = {}
+    if config.conditioning != "mix-and-match":
+        why["diversity_sampling"] = (f"{config.conditioning} conditioning: the Sampling alone gives no diversity by "
+                                     "construction (" + ("its I is always the first alpha indices"
+                                                         if config.conditioning == "fixed" else "it draws no Sampling")
+                                     + ")")
+    elif alpha in (0, config.hidden_dim):
+        why["diversity_sampling"] = (f"alpha {alpha}: the Sampling alone gives no diversity by construction (every "
+                                     f"Sampling splits the hidden vector the same way)")
+    if alpha == config.hidden_dim and config.conditioning != "concat":
+        why["diversity_z"] = (f"alpha {alpha}: z alone gives no diversity by construction (the decoder's Resampling "
+                              f"takes no entry from z)")
+    return why
 
 
 FIDELITY_NAMES = {"precision": "precision, k=3 (fidelity)", "recall": "recall, k=3 (coverage)",
@@ -260,15 +299,16 @@ def fidelity_rows(classifier, completed, real):
     return [{**manifold_measures(held_out, x), "frechet": frechet_distance(held_out, x)} for x in (fake, train)]
 
 
-def print_metrics(rows, conditioning):
+def print_metrics(rows, config, alpha):
     print(f"{'metric (per image)':<52} {'model':>9} {'real top':>9}")
     for _, name, value, reference in rows:
         reference = "" if reference is None else f"{reference:9.3f}"
         value = "n/a" if value is None else f"{value:9d}" if isinstance(value, int) else f"{value:9.3f}"
         print(f"{name:<52} {value:>9} {reference:>9}")
-    if conditioning != "mix-and-match":  # the row left n/a above, rather than a zero that reads as a finding
-        why = "its I is always the first alpha indices" if conditioning == "fixed" else "it draws no Sampling"
-        print(f"n/a: {conditioning} conditioning: the Sampling alone gives no diversity by construction ({why})")
+    undefined = zero_by_construction(config, alpha)
+    for key, name, value, _ in rows:  # why each n/a above
+        if value is None:
+            print(f"n/a: {undefined.get(key, f'{name}: not a finite number for these images')}")
 
 
 if __name__ == "__main__":

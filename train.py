@@ -29,6 +29,7 @@ from utils import (
     plot_history,
     positive_float,
     positive_int,
+    process_lock,
     save_checkpoint,
     save_image_grid,
     save_json,
@@ -127,74 +128,83 @@ def main():
     # SIGTERM (a cluster's scheduler, `kill`) stops training like Ctrl-C: between whole files
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
-    epoch, last_checkpoint = None, args.resume  # for the messages below
-    try:
-        train_images, _ = load_mnist(args.data_root, train=True, device=device)
-        test_images, _ = load_mnist(args.data_root, train=False, device=device)
-        if checkpoint:
-            start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
-        else:
-            config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim, conditioning=args.conditioning,
-                                 decoder=args.decoder, history_dropout=args.history_dropout)
-            model, start_epoch, step, history = build_model(config, device), 1, 0, []
-        # fused: one kernel updates all parameters; the default per-parameter loop costs more than
-        # this small model's arithmetic on a CPU (tests/bench_train.py)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-        if checkpoint:
-            restore_training_state(checkpoint, optimizer, args.lr, device)
-            print(f"resuming {args.resume} after epoch {checkpoint['epoch']} (step {step})")
-        if len(train_images) % args.batch_size == 1:
-            print(f"note: {len(train_images)} training images leave a last batch of one image, which BatchNorm "
-                  f"cannot train on; it is skipped each epoch")
+    # a second train.py writing into the same folder would interleave its checkpoints with this one's
+    with process_lock(os.path.join(args.checkpoint_dir, "train.lock")) as holder:
+        if holder:
+            raise SystemExit(f"error: another train.py (process {holder}) is writing checkpoints in "
+                             f"{args.checkpoint_dir!r}; wait for it to end, or pass another --checkpoint-dir")
+        epoch, last_checkpoint = None, args.resume  # for the messages below
+        try:
+            train_images, _ = load_mnist(args.data_root, train=True, device=device)
+            test_images, _ = load_mnist(args.data_root, train=False, device=device)
+            if checkpoint:
+                start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
+            else:
+                config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim,
+                                     conditioning=args.conditioning, decoder=args.decoder,
+                                     history_dropout=args.history_dropout)
+                model, start_epoch, step, history = build_model(config, device), 1, 0, []
+            # fused: one kernel updates all parameters; the default per-parameter loop costs more than
+            # this small model's arithmetic on a CPU (tests/bench_train.py)
+            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+            if checkpoint:
+                restore_training_state(checkpoint, optimizer, args.lr, device)
+                print(f"resuming {args.resume} after epoch {checkpoint['epoch']} (step {step})")
+            if len(train_images) % args.batch_size == 1:
+                print(f"note: {len(train_images)} training images leave a last batch of one image, which BatchNorm "
+                      f"cannot train on; it is skipped each epoch")
 
-        save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
-        sampling = "no Sampling" if args.conditioning == "concat" else f"alpha {args.alpha}"
-        print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, {sampling}, {args.conditioning} "
-              f"conditioning, {args.decoder} decoder, curriculum step {args.curriculum_step or 'off'}"
-              + (f", teacher forcing over {args.teacher_forcing_epochs} epochs" if args.teacher_forcing_epochs else "")
-              + (f", history dropout {args.history_dropout:g}" if args.history_dropout else "")
-              + (f", free bits {args.free_bits:g}" if args.free_bits else ""))
-        curves_drawn = time.time()
-        for epoch in range(start_epoch, args.epochs + 1):
-            t0 = time.time()
-            stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
-            teacher_forcing = teacher_forcing_probability(epoch, args.teacher_forcing_epochs)
-            rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage,
-                                        teacher_forcing, args.free_bits)
-            test_loss = evaluate(model, test_images, args.alpha)  # with the Sampling used at test time
-            if not all(map(math.isfinite, (rec, kl, test_loss))) or not is_finite(model):
-                stop(1, f"error: training diverged in epoch {epoch} (train BCE {rec:.4g}, KL {kl:.4g}, test loss "
-                        f"{test_loss:.4g}); no checkpoint was written for it. "
-                        + how_to_continue(parser, args, last_checkpoint, diverged=True))
-            record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
-                      "test_loss": test_loss, "curriculum_stage": stage, "teacher_forcing": teacher_forcing,
-                      "seconds": time.time() - t0}
-            history.append(record)
-            with signals_deferred():  # Ctrl-C waits for this epoch's files, so that the message can name them
-                save_reconstructions(model, test_images[:100], args.alpha,
-                                     os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
-                path = checkpoint_path(args, epoch)
-                save_checkpoint(path, model, optimizer, args.alpha, epoch, step, args,
-                                curriculum_step=args.curriculum_step, history=history)
-                last_checkpoint = path
-                save_json(history, os.path.join(args.results_dir, "history.json"))
-                if epoch == args.epochs or time.time() - curves_drawn >= CURVES_EVERY_S:
-                    plot_history({args.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
-                    curves_drawn = time.time()
-            print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
-                  f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
-                  + ("" if stage is None else f" | curriculum stage {stage}")
-                  + (f" | teacher forcing {teacher_forcing:.2f}" if args.teacher_forcing_epochs else ""), flush=True)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through raise_keyboard_interrupt
-        signum = e.args[0] if e.args else signal.SIGINT
-        where = "before training started" if epoch is None else f"in epoch {epoch}"
-        stop(128 + signum, f"interrupted ({signal.Signals(signum).name}) {where}. "
-                           f"{how_to_continue(parser, args, last_checkpoint)}")
-    except OSError as e:  # a full disk, or a folder removed while training; atomic writes leave no half file
-        if epoch == args.epochs and last_checkpoint == checkpoint_path(args, epoch):  # only a figure after it failed
-            stop(1, f"error: {e.filename}: {e.strerror}. Training is complete: {last_checkpoint} holds the last "
-                    f"epoch, whole; only {e.filename} is missing.")
-        stop(1, f"error: {e.filename}: {e.strerror}. {how_to_continue(parser, args, last_checkpoint)}")
+            save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
+            sampling = "no Sampling" if args.conditioning == "concat" else f"alpha {args.alpha}"
+            print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, {sampling}, {args.conditioning} "
+                  f"conditioning, {args.decoder} decoder, curriculum step {args.curriculum_step or 'off'}"
+                  + (f", teacher forcing over {args.teacher_forcing_epochs} epochs"
+                     if args.teacher_forcing_epochs else "")
+                  + (f", history dropout {args.history_dropout:g}" if args.history_dropout else "")
+                  + (f", free bits {args.free_bits:g}" if args.free_bits else ""))
+            curves_drawn = time.time()
+            for epoch in range(start_epoch, args.epochs + 1):
+                t0 = time.time()
+                stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
+                teacher_forcing = teacher_forcing_probability(epoch, args.teacher_forcing_epochs)
+                rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage,
+                                            teacher_forcing, args.free_bits)
+                test_loss = evaluate(model, test_images, args.alpha)  # with the Sampling used at test time
+                if not all(map(math.isfinite, (rec, kl, test_loss))) or not is_finite(model):
+                    stop(1, f"error: training diverged in epoch {epoch} (train BCE {rec:.4g}, KL {kl:.4g}, test loss "
+                            f"{test_loss:.4g}); no checkpoint was written for it. "
+                            + how_to_continue(parser, args, last_checkpoint, diverged=True))
+                record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
+                          "test_loss": test_loss, "curriculum_stage": stage, "teacher_forcing": teacher_forcing,
+                          "seconds": time.time() - t0}
+                history.append(record)
+                with signals_deferred():  # Ctrl-C waits for this epoch's files, so that the message can name them
+                    save_reconstructions(model, test_images[:100], args.alpha,
+                                         os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
+                    path = checkpoint_path(args, epoch)
+                    save_checkpoint(path, model, optimizer, args.alpha, epoch, step, args,
+                                    curriculum_step=args.curriculum_step, history=history)
+                    last_checkpoint = path
+                    save_json(history, os.path.join(args.results_dir, "history.json"))
+                    if epoch == args.epochs or time.time() - curves_drawn >= CURVES_EVERY_S:
+                        plot_history({args.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
+                        curves_drawn = time.time()
+                print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
+                      f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
+                      + ("" if stage is None else f" | curriculum stage {stage}")
+                      + (f" | teacher forcing {teacher_forcing:.2f}" if args.teacher_forcing_epochs else ""),
+                      flush=True)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through raise_keyboard_interrupt
+            signum = e.args[0] if e.args else signal.SIGINT
+            where = "before training started" if epoch is None else f"in epoch {epoch}"
+            stop(128 + signum, f"interrupted ({signal.Signals(signum).name}) {where}. "
+                               f"{how_to_continue(parser, args, last_checkpoint)}")
+        except OSError as e:  # a full disk, or a folder removed while training; atomic writes leave no half file
+            # only a figure, after the last checkpoint, failed
+            if epoch == args.epochs and last_checkpoint == checkpoint_path(args, epoch):
+                stop(1, f"error: {e.filename}: {e.strerror}. Training is complete: {last_checkpoint} holds the last "
+                        f"epoch, whole; only {e.filename} is missing.")
+            stop(1, f"error: {e.filename}: {e.strerror}. {how_to_continue(parser, args, last_checkpoint)}")
 
 
 def checkpoint_path(args, epoch):

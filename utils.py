@@ -4,7 +4,9 @@ split, device and seed, checkpoints, figures, and the evaluation metrics of samp
 """
 import argparse
 import contextlib
+import copy
 import glob
+import gzip
 import hashlib
 import io
 import json
@@ -12,10 +14,12 @@ import math
 import os
 import random
 import re
+import secrets
 import signal
 import struct
 import tempfile
 import threading
+import zlib
 from dataclasses import asdict
 
 import numpy as np
@@ -96,8 +100,9 @@ def mnist_dataset(root, train):
     raw = os.path.join(root, "MNIST", "raw")
     if os.path.exists(root) and not os.path.isdir(root):
         raise SystemExit(f"error: --data-root {root!r} is a file; pass the folder that holds MNIST/raw/")
+    extract_gz_files(raw)
     check_idx_files(raw)
-    with contextlib.suppress(RuntimeError):  # a raw file missing, or there only as .gz: extract or download it
+    with contextlib.suppress(RuntimeError):  # a raw file missing: download it
         return datasets.MNIST(root, train=train, download=False)
     try:
         dataset = datasets.MNIST(root, train=train, download=True)
@@ -115,6 +120,29 @@ def mnist_dataset(root, train):
             f"missing: {', '.join(missing)}.\n"
             f"Put the four raw files there ({', '.join(MNIST_FILES)}; .gz also works), "
             f"or pass --data-root to the folder that holds MNIST/raw/.")
+
+
+def extract_gz_files(raw):
+    """Decompress the raw files that are there only as .gz, beside them. torchvision extracts a .gz
+    only when its MD5 is that of the original download, and otherwise tries to download the file;
+    a .gz compressed by anyone else is as good."""
+    for name in MNIST_FILES:
+        path = os.path.join(raw, name)
+        if os.path.isfile(path) or not os.path.isfile(path + ".gz"):
+            continue
+        try:
+            with gzip.open(path + ".gz", "rb") as f:
+                data = f.read()
+        except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+            raise SystemExit(f"error: the MNIST file {path}.gz is there but cannot be decompressed "
+                             f"({type(e).__name__}): replace it with an intact copy, or put the decompressed "
+                             f"{name} there instead")
+        try:
+            atomic_write(path, lambda f, data=data: f.write(data))
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {path}, decompressed from {path}.gz ({e.strerror}); decompress the "
+                             f".gz files there yourself (gunzip), or copy MNIST/raw/ to a writable --data-root")
+        print(f"decompressed {path}.gz")
 
 
 def check_idx_files(raw):
@@ -326,12 +354,15 @@ def atomic_save(obj, path):
 
 
 def atomic_write(path, write):
-    """write(f) into `path`.tmp, then rename it over `path`. Ctrl-C, a crash or a full disk
-    leaves the old file or the new one, both whole, and no .tmp; the OSError then names `path`.
-    Written through a Python file so that a full disk is an OSError (torch.save to a path reports
-    it as an opaque RuntimeError of its zip writer)."""
+    """write(f) into a .tmp file of its own beside `path`, then rename it over `path`. Ctrl-C, a
+    crash or a full disk leaves the old file or the new one, both whole, and no .tmp; the OSError
+    then names `path`. Two processes writing the same file (two sample.py runs building one cache)
+    each write their own .tmp, so the file is one of theirs, whole. Written through a Python file so
+    that a full disk is an OSError (torch.save to a path reports it as an opaque RuntimeError of its
+    zip writer)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    # a name newest_checkpoint's mix_match_*.pth does not match
+    tmp = os.path.join(os.path.dirname(path), f"{secrets.token_hex(4)}.{os.path.basename(path)}.tmp")
     with signals_deferred():
         try:
             with open(tmp, "wb") as f:
@@ -368,6 +399,52 @@ def signals_deferred():
             signal.signal(signum, handler)
         if received:
             signal.raise_signal(received[0])  # now handled as usual: KeyboardInterrupt, say
+
+
+@contextlib.contextmanager
+def process_lock(path):
+    """Yields None while this process holds the lock file `path` (made with O_EXCL, holding this
+    process's id, removed at the end, Ctrl-C included); else the id of the live process that holds
+    it. A lock left behind by a process that has ended (killed, crashed) is taken over."""
+    holder = None
+    for _ in range(2):  # once more after removing a dead process's lock
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        return
+    yield holder or "unknown"
+
+
+def lock_holder(path):
+    """The id of the live process named in the lock file `path`, or None if that process has ended.
+    A lock being written (no id yet) counts as held."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        return "unknown"
+    try:
+        os.kill(int(text), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process
+        pass
+    return int(text)
 
 
 def newest_checkpoint(checkpoint_dir):
@@ -629,11 +706,15 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
     classifier of other data (another --data-root) is never reused. It trains under its own
     seed, so whether it was cached does not change the random draws of the metrics that follow."""
     classifier = digit_classifier().to(device)
+
+    def load(cached):  # into a copy: a cache of other layers fails part-way, and retraining starts afresh
+        loaded = copy.deepcopy(classifier)
+        loaded.load_state_dict(cached["model"])
+        return loaded.eval()
     fingerprint = mnist_fingerprint(data_root)
-    cached = load_cache(path, fingerprint, device, "retraining the digit classifier")
+    cached = load_cache(path, fingerprint, device, "retraining the digit classifier", load)
     if cached is not None:
-        classifier.load_state_dict(cached["model"])
-        return classifier.eval()
+        return cached
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
     train_images, train_labels = load_mnist(data_root, train=True, device=device)
     with torch.random.fork_rng():  # the CPU's and the CUDA devices' generators
@@ -652,22 +733,28 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
     return classifier.eval()
 
 
-def load_cache(path, fingerprint, device, redo):
-    """What a cache file made from the MNIST files `fingerprint` holds, or None after printing why
-    it is made again (`redo`): missing, made from other files (another --data-root), or unreadable
-    (a broken cache, whatever the breakage, is only a cache)."""
+def load_cache(path, fingerprint, device, redo, load):
+    """load(what the cache file holds), for a cache made from the MNIST files `fingerprint`; or None
+    after printing why it is made again (`redo`): missing, made from other files (another
+    --data-root), unreadable, or not loading into today's code (a cache an older version wrote,
+    with other layers or keys). A broken cache, whatever the breakage, is only a cache."""
     if not os.path.isfile(path):
         return None
     try:
         cached = torch.load(path, map_location=device, weights_only=True)
-        if cached.get("mnist_sha256") != fingerprint:
-            print(f"{redo}: {path} was made from other MNIST files")
-        elif first_non_finite(cached):
-            print(f"{redo}: {path} holds a NaN or infinite value")
-        else:
-            return cached
     except Exception as e:  # noqa: BLE001
         print(f"{redo}: cannot read {path} ({type(e).__name__})")
+        return None
+    if not isinstance(cached, dict) or cached.get("mnist_sha256") != fingerprint:
+        print(f"{redo}: {path} was made from other MNIST files")
+    elif first_non_finite(cached):
+        print(f"{redo}: {path} holds a NaN or infinite value")
+    else:
+        try:
+            return load(cached)
+        except Exception as e:  # noqa: BLE001
+            print(f"{redo}: {path} does not fit this version of the code ({type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})")
     return None
 
 
@@ -759,10 +846,16 @@ def load_or_find_neighbours(path, data_root, test_images, train_images, m):
     data set, not per checkpoint). The threshold of the conditional coverage is the median distance from
     a test image's true top to the nearest of its neighbours' tops: a completion reaches a
     plausible top when it comes as close to it as the real top comes to the nearest other."""
+    def load(cached):
+        indices, threshold = cached["indices"], float(cached["threshold"])
+        if indices.shape != (len(test_images), m) or indices.dtype != torch.long:
+            raise ValueError(f"indices {tuple(indices.shape)} of {indices.dtype}, where ({len(test_images)}, {m}) "
+                             f"of torch.int64 belong")
+        return indices, threshold
     fingerprint = mnist_fingerprint(data_root)
-    cached = load_cache(path, fingerprint, test_images.device, "finding the bottom neighbours again")
-    if cached is not None and cached["indices"].shape == (len(test_images), m):
-        return cached["indices"], cached["threshold"]
+    cached = load_cache(path, fingerprint, test_images.device, "finding the bottom neighbours again", load)
+    if cached is not None:
+        return cached
     print(f"finding the {m} training images nearest to each test image by its bottom once, cached at {path}",
           flush=True)
     indices = bottom_neighbours(test_images, train_images, m)

@@ -2,6 +2,7 @@
 network), and a helper that runs our scripts as a user would."""
 import os
 import runpy
+import shutil
 import signal
 import struct
 import subprocess
@@ -76,3 +77,22 @@ def in_process(monkeypatch, capsys):
             assert code == 0, f"{script} failed:\n{out.out}\n{out.err}"
         return subprocess.CompletedProcess([script, *args], code, out.out, out.err)
     return run
+
+
+@pytest.fixture
+def user(tmp_path, in_process, mnist_root):
+    """Runs train.py or sample.py in tmp_path on synthetic MNIST copied there (so that a case may
+    break it), on the CPU: user("sample.py", "--out", "g.png") -> (code, stdout, stderr)."""
+    shutil.copytree(mnist_root, tmp_path / "data")
+
+    def run(script, *args, check=False, data="data"):
+        result = in_process(script, "--data-root", data, "--device", "cpu", *args, cwd=tmp_path, check=check)
+        return result.returncode, result.stdout, result.stderr
+    return run
+
+
+@pytest.fixture
+def trained(user, tmp_path):
+    """A one-epoch checkpoint, ck/mix_match_01.pth."""
+    user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res", check=True)
+    return tmp_path / "ck" / "mix_match_01.pth"

@@ -10,18 +10,22 @@ Section "results" (README, Results):
 - The frontier: each mode's seed-0 model at the temperatures TEMPERATURES; the default model at
   test-time alphas TEST_ALPHAS; mix-and-match and fixed trained at TRAIN_ALPHAS (seed 0), at T = 1.
 Section "latent-use" (README, "Does Mix-and-Match keep the latent in use?"):
-- mix-and-match, fixed and concat, each with the MLP, the autoregressive and the recurrent decoder
-  (the paper's schedule of teacher forcing), seeds 0, 1 and 2 (the MLP's mix-and-match and fixed
-  are the runs of "results"); the recurrent mix-and-match and fixed always teacher-forced too; the
-  autoregressive and recurrent seed-0 runs continued to LONG_EPOCHS; each measured at T = 1.
+- mix-and-match, fixed and concat, each with the MLP and the autoregressive decoder, seeds 0, 1
+  and 2 (the MLP's mix-and-match and fixed are the runs of "results"); the autoregressive seed-0
+  runs continued to LONG_EPOCHS; each measured at T = 1.
+Section "recurrent" (the same README section, the paper's own regime):
+- mix-and-match, fixed and concat with the recurrent decoder and train.py's schedule of teacher
+  forcing, seeds 0, 1 and 2, the seed-0 runs continued to LONG_EPOCHS; mix-and-match and fixed
+  also always teacher-forced, to tell what feeding back its own rows changes; each at T = 1.
 
 The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
 and a training that was interrupted resumes from its newest checkpoint, so the same command
 continues an interrupted reproduction. Two of them may run at once (one per core, each with
 OMP_NUM_THREADS=1): a run one is training (its train.lock) is left to it, and the tables are
 written by the one that finds every run done. Writes results/reproduce/results.md and latent_use.md
-(README's tables), samples/frontier.png, samples/kl_curves.png, samples/kl_autoregressive.png
-and the seed-0 completion grids samples/sampled*.png.
+and recurrent.md (README's tables), samples/frontier.png, samples/kl_curves.png,
+samples/kl_autoregressive.png, samples/kl_recurrent.png and the seed-0 completion grids
+samples/sampled*.png.
 """
 import argparse
 import contextlib
@@ -40,7 +44,7 @@ sys.path.insert(0, REPO)
 
 import torch
 
-from utils import plot_history, save_figure
+from utils import mnist_dataset, plot_history, process_lock, save_figure
 
 MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
 SEEDS = (0, 1, 2)
@@ -50,14 +54,14 @@ TRAIN_ALPHAS = (16, 32, 96, 112)  # 64, the default, is the seed runs
 EPOCHS = 50
 # latent use: every conditioning with each decoder (run names "concat-seed0", "ar-fixed-seed1", ...)
 CONDITIONINGS = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "concat": ["--conditioning", "concat"]}
-DECODERS = {"mlp": ("", []), "autoregressive": ("ar-", ["--decoder", "autoregressive"]),  # run-name prefix, flags
-            "recurrent": ("rnn-", ["--decoder", "recurrent"])}  # with train.py's schedule of teacher forcing
-# the recurrent decoder always teacher-forced, to tell what feeding back its own rows changes
-ALWAYS_FORCED = ("rnn-tf-", ["--decoder", "recurrent", "--teacher-forcing-epochs", "0"], ("mix-and-match", "fixed"))
-LONG_PREFIXES = ("rnn-", "ar-")  # the decoders whose seed-0 runs are continued to LONG_EPOCHS
+DECODERS = {"mlp": ("", []), "autoregressive": ("ar-", ["--decoder", "autoregressive"])}  # run-name prefix, flags
 LONG_EPOCHS = 200  # the autoregressive KLs still fall at epoch 50
 SHIPPED = os.path.join(REPO, "checkpoint", "mix_match_50.pth")  # measured as the run "shipped"
-SECTIONS = ("latent-use", "results")  # the longest chains of runs first
+# the recurrent decoder: run-name prefix and flags, with train.py's schedule of teacher forcing, and
+# always teacher-forced (mix-and-match and fixed only)
+RECURRENT = ("rnn-", ["--decoder", "recurrent"])
+ALWAYS_FORCED = ("rnn-tf-", ["--decoder", "recurrent", "--teacher-forcing-epochs", "0"], ("mix-and-match", "fixed"))
+SECTIONS = ("recurrent", "latent-use", "results")  # the longest chains of runs first
 
 
 def main():
@@ -68,6 +72,19 @@ def main():
     parser.add_argument("--section", choices=SECTIONS,
                         help="reproduce one section of README only (default: both)")
     args = parser.parse_args()
+    for train in (True, False):  # a wrong --data-root ends here, not in the first of many trainings
+        mnist_dataset(args.data_root, train)
+    try:
+        reproduce(args)
+    except KeyboardInterrupt:  # train.py and sample.py got the Ctrl-C too, and left their files whole
+        sys.exit("interrupted: the runs and measurements finished so far are kept; run the same command again to "
+                 "continue (an interrupted training resumes from its last checkpoint)")
+    except OSError as e:  # a full disk while writing a log or a table
+        sys.exit(f"error: {e.filename}: {e.strerror}. The finished runs are kept; free space, then run the same "
+                 f"command again to continue.")
+
+
+def reproduce(args):
     sections = [args.section] if args.section else SECTIONS
     t0 = time.time()
     trainings, measures = {}, {}
@@ -79,17 +96,13 @@ def main():
     pending += [name for i, (name, (run_name, flags)) in enumerate(measures.items(), 1)
                 if not measure(args, name, run_name, flags, f"[{i}/{len(measures)}]")]
     # what the other reproduction was on may have ended meanwhile; then this one writes the tables
-    pending = [name for name in pending if not os.path.isfile(
-        os.path.join(args.runs_dir, "metrics", f"{name}.json") if name in measures else
-        final_checkpoint(args, name, trainings[name][1]))]
+    pending = [name for name in pending if not (read_measurement(args, name) is not None if name in measures else
+                                                os.path.isfile(final_checkpoint(args, name, trainings[name][1])))]
     if pending:
         sys.exit(f"another reproduction is working on {', '.join(pending)}: run this command again once it "
                  f"has ended, to finish those and write the tables")
 
-    metrics = {}
-    for name in measures:
-        with open(os.path.join(args.runs_dir, "metrics", f"{name}.json")) as f:
-            metrics[name] = json.load(f)
+    metrics = {name: read_measurement(args, name) for name in measures}
     samples = os.path.join(REPO, "samples")
     if "results" in sections:
         write_tables(os.path.join(args.runs_dir, "results.md"),
@@ -99,9 +112,17 @@ def main():
                      os.path.join(samples, "kl_curves.png"))
         copy_grids(args, {"mix-and-match": "sampled.png", "fixed": "sampled_fixed.png",
                           "curriculum": "sampled_curriculum.png"})
+    if "recurrent" in sections:
+        write_tables(os.path.join(args.runs_dir, "recurrent.md"),
+                     [latent_table(metrics, recurrent_columns()), latent_differences_table(metrics, recurrent_pairs()),
+                      long_table(metrics, "rnn-")])
+        plot_history({f"recurrent, {mode}": checkpoint_history(args, f"rnn-{mode}-seed0-long", LONG_EPOCHS)
+                      for mode in CONDITIONINGS}, os.path.join(samples, "kl_recurrent.png"))
+        copy_grids(args, {f"rnn-{mode}": f"sampled_rnn_{mode}.png" for mode in CONDITIONINGS})
     if "latent-use" in sections:
         write_tables(os.path.join(args.runs_dir, "latent_use.md"),
-                     [latent_table(metrics), latent_differences_table(metrics), long_table(metrics)])
+                     [latent_table(metrics, latent_columns()), latent_differences_table(metrics, latent_pairs()),
+                      long_table(metrics, "ar-")])
         plot_history({f"autoregressive, {mode}": checkpoint_history(args, f"ar-{mode}-seed0-long", LONG_EPOCHS)
                       for mode in CONDITIONINGS}, os.path.join(samples, "kl_autoregressive.png"))
         copy_grids(args, {f"ar-{mode}": f"sampled_ar_{mode}.png" for mode in CONDITIONINGS})
@@ -123,27 +144,37 @@ def copy_grids(args, grids):
 
 
 def latent_runs():
-    """{run name: train.py flags} of the latent-use grid: conditioning x decoder x seed, and the
-    recurrent decoder always teacher-forced."""
-    runs = {f"{prefix}{mode}-seed{seed}": [*flags, *decoder_flags, "--seed", str(seed)]
+    """{run name: train.py flags} of the latent-use grid: conditioning x decoder x seed."""
+    return {f"{prefix}{mode}-seed{seed}": [*flags, *decoder_flags, "--seed", str(seed)]
             for prefix, decoder_flags in DECODERS.values() for mode, flags in CONDITIONINGS.items() for seed in SEEDS}
+
+
+def recurrent_runs():
+    """{run name: train.py flags} of the recurrent decoder: conditioning x seed with the schedule of
+    teacher forcing, and mix-and-match and fixed always teacher-forced."""
+    prefix, decoder_flags = RECURRENT
+    runs = {f"{prefix}{mode}-seed{seed}": [*flags, *decoder_flags, "--seed", str(seed)]
+            for mode, flags in CONDITIONINGS.items() for seed in SEEDS}
     prefix, decoder_flags, modes = ALWAYS_FORCED
     runs.update({f"{prefix}{mode}-seed{seed}": [*CONDITIONINGS[mode], *decoder_flags, "--seed", str(seed)]
                  for mode in modes for seed in SEEDS})
     return runs
 
 
+def grid_and_long_prefix(section):
+    """The runs of a latent-use section, and the run-name prefix of those continued to LONG_EPOCHS."""
+    return (latent_runs(), "ar-") if section == "latent-use" else (recurrent_runs(), RECURRENT[0])
+
+
 def training_runs(section):
     """{run name: (train.py flags, epochs, the run it continues or None)} for a section's trainings."""
-    if section == "latent-use":
+    if section in ("latent-use", "recurrent"):
+        grid, prefix = grid_and_long_prefix(section)
         # the longest chains first (seed 0, then its continuation), so that two reproductions share the work
-        runs = {}
-        for prefix in LONG_PREFIXES:
-            runs.update({f"{prefix}{mode}-seed0": (latent_runs()[f"{prefix}{mode}-seed0"], EPOCHS, None)
-                         for mode in CONDITIONINGS})
-            runs.update({f"{prefix}{mode}-seed0-long": ([], LONG_EPOCHS, f"{prefix}{mode}-seed0")
-                         for mode in CONDITIONINGS})
-        runs.update({name: (flags, EPOCHS, None) for name, flags in latent_runs().items() if name not in runs})
+        runs = {f"{prefix}{mode}-seed0": (grid[f"{prefix}{mode}-seed0"], EPOCHS, None) for mode in CONDITIONINGS}
+        runs.update({f"{prefix}{mode}-seed0-long": ([], LONG_EPOCHS, f"{prefix}{mode}-seed0")
+                     for mode in CONDITIONINGS})
+        runs.update({name: (flags, EPOCHS, None) for name, flags in grid.items() if name not in runs})
         return runs
     runs = {f"{mode}-seed{seed}": [*flags, "--seed", str(seed)] for mode, flags in MODES.items() for seed in SEEDS}
     runs.update({f"{mode}-alpha{alpha}": [*MODES[mode], "--alpha", str(alpha)]
@@ -153,10 +184,10 @@ def training_runs(section):
 
 def measurements(section):
     """{measurement name: (run name, sample.py flags)} for a section's metrics runs."""
-    if section == "latent-use":
-        todo = {f"{name}-T1": (name, []) for name in latent_runs()}
-        todo.update({f"{prefix}{mode}-seed0-long-T1": (f"{prefix}{mode}-seed0-long", [])
-                     for prefix in LONG_PREFIXES for mode in CONDITIONINGS})
+    if section in ("latent-use", "recurrent"):
+        grid, prefix = grid_and_long_prefix(section)
+        todo = {f"{name}-T1": (name, []) for name in grid}
+        todo.update({f"{prefix}{mode}-seed0-long-T1": (f"{prefix}{mode}-seed0-long", []) for mode in CONDITIONINGS})
         return todo
     todo = {f"{mode}-seed{seed}-T1": (f"{mode}-seed{seed}", []) for mode in MODES for seed in SEEDS}
     todo["shipped-T1"] = ("shipped", [])  # trained on another CPU: its own column
@@ -200,12 +231,25 @@ def train(args, name, flags, epochs, start, progress):
     return mine
 
 
+def read_measurement(args, name):
+    """The measurement's JSON as sample.py wrote it, or None if it is missing or was left broken
+    (cut short, edited by another tool)."""
+    try:
+        with open(os.path.join(args.runs_dir, "metrics", f"{name}.json")) as f:
+            measurement = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return measurement if isinstance(measurement, dict) and isinstance(measurement.get("metrics"), dict) else None
+
+
 def measure(args, name, run_name, flags, progress):
     """Measure one run; returns whether the measurement is done (False: its run is not, or another
-    reproduction is measuring it)."""
+    reproduction is measuring it). A JSON there that is broken is measured again."""
     folder = os.path.join(args.runs_dir, "metrics")
-    if os.path.isfile(os.path.join(folder, f"{name}.json")):
+    if read_measurement(args, name) is not None:
         return True
+    if os.path.isfile(os.path.join(folder, f"{name}.json")):
+        print(f"{progress} {name}: its JSON is broken (not sample.py's metrics); measuring it again")
     if not os.path.isfile(final_checkpoint(args, run_name)):
         return False
     with claimed(os.path.join(folder, f"{name}.lock"), f"{progress} {name}") as mine:
@@ -218,19 +262,13 @@ def measure(args, name, run_name, flags, progress):
 
 @contextlib.contextmanager
 def claimed(lock, what):
-    """Yields True while this process holds `lock` (a file made with O_EXCL, removed at the end,
-    Ctrl-C included), False if another reproduction holds it."""
+    """Yields True while this process holds `lock`, False if another live reproduction holds it (a
+    lock left by one that was killed is taken over)."""
     os.makedirs(os.path.dirname(lock), exist_ok=True)
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        print(f"{what}: another reproduction is on it (delete {lock} if none is running)")
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        os.remove(lock)
+    with process_lock(lock) as holder:
+        if holder:
+            print(f"{what}: another reproduction (process {holder}) is on it")
+        yield not holder
 
 
 def run(what, log, script, *script_args):
@@ -320,27 +358,45 @@ def latent_columns():
             for mode in CONDITIONINGS]
 
 
-def latent_table(metrics):
-    """Each latent-use measure as mean ± sd over the seeds, per decoder and conditioning."""
-    names = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
+def latent_pairs():
+    """Mix-and-Match against each deterministic conditioning with the same decoder, and each
+    conditioning's autoregressive decoder against its MLP one."""
+    pairs = [("ar-mix-and-match", f"ar-{mode}") for mode in CONDITIONINGS if mode != "mix-and-match"]
+    pairs += [("mix-and-match", mode) for mode in CONDITIONINGS if mode != "mix-and-match"]
+    return pairs + [(f"ar-{mode}", mode) for mode in CONDITIONINGS]
+
+
+def recurrent_columns():
+    columns = [(f"recurrent, {mode}", f"{RECURRENT[0]}{mode}") for mode in CONDITIONINGS]
+    prefix, _, modes = ALWAYS_FORCED
+    return columns + [(f"recurrent always teacher-forced, {mode}", f"{prefix}{mode}") for mode in modes]
+
+
+def recurrent_pairs():
+    """Mix-and-Match against each deterministic conditioning, with and without the schedule; and
+    the schedule against teacher forcing throughout."""
+    return [("rnn-mix-and-match", "rnn-fixed"), ("rnn-mix-and-match", "rnn-concat"),
+            ("rnn-tf-mix-and-match", "rnn-tf-fixed"), ("rnn-mix-and-match", "rnn-tf-mix-and-match"),
+            ("rnn-fixed", "rnn-tf-fixed")]
+
+
+def latent_table(metrics, columns):
+    """Each latent-use measure as mean ± sd over the seeds, per column (label, run-name prefix)."""
+    names = next(iter(metrics.values()))["metrics"]
     lines = [f"| metric (per test image), mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
-             + " | ".join(label for label, _ in latent_columns()) + " |",
-             "|---|" + "---:|" * len(latent_columns())]
+             + " | ".join(label for label, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for key in LATENT_KEYS:
-        cells = [mean_sd_cell(seed_values(metrics, prefix, key)) for _, prefix in latent_columns()]
+        cells = [mean_sd_cell(seed_values(metrics, prefix, key)) for _, prefix in columns]
         lines.append(f"| {markdown(names[key]['name'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def latent_differences_table(metrics):
-    """Mix-and-Match against each deterministic conditioning with the same decoder, and each
-    conditioning's autoregressive decoder against its MLP one: a − b (twice the larger seed sd,
-    and ", yes" where the difference is beyond it)."""
-    pairs = [("ar-mix-and-match", f"ar-{mode}") for mode in CONDITIONINGS if mode != "mix-and-match"]
-    pairs += [("mix-and-match", mode) for mode in CONDITIONINGS if mode != "mix-and-match"]
-    pairs += [(f"ar-{mode}", mode) for mode in CONDITIONINGS]
-    names = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
-    labels = [f"{a.replace('ar-', 'autoregressive ')} − {b.replace('ar-', 'autoregressive ')}" for a, b in pairs]
+def latent_differences_table(metrics, pairs):
+    """For each pair (a, b) of run-name prefixes: a − b (twice the larger seed sd, and ", yes" where
+    the difference is beyond it)."""
+    names = next(iter(metrics.values()))["metrics"]
+    labels = [f"{run_label(a)} − {run_label(b)}" for a, b in pairs]
     lines = ["| metric: a − b (2 × sd) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(pairs)]
     for key in LATENT_KEYS:
         cells = ["n/a" if d is None else f"{d[0]:+.3f} ({d[1]:.3f}{', yes' * d[2]})"
@@ -349,12 +405,21 @@ def latent_differences_table(metrics):
     return "\n".join(lines)
 
 
-def long_table(metrics):
-    """The autoregressive seed-0 runs at EPOCHS and at LONG_EPOCHS."""
-    names = metrics[f"mix-and-match-seed{SEEDS[0]}-T1"]["metrics"]
-    columns = [(f"{mode}, epoch {epochs}", f"ar-{mode}-seed0{suffix}-T1") for mode in CONDITIONINGS
+def run_label(prefix):
+    """A run-name prefix as a table reads it: "rnn-tf-fixed" -> "recurrent always teacher-forced fixed"."""
+    for short, long in (("rnn-tf-", "recurrent always teacher-forced "), ("rnn-", "recurrent "),
+                        ("ar-", "autoregressive ")):
+        if prefix.startswith(short):
+            return long + prefix.removeprefix(short)
+    return prefix
+
+
+def long_table(metrics, prefix):
+    """The seed-0 runs of a decoder (run-name prefix) at EPOCHS and at LONG_EPOCHS."""
+    names = next(iter(metrics.values()))["metrics"]
+    columns = [(f"{mode}, epoch {epochs}", f"{prefix}{mode}-seed0{suffix}-T1") for mode in CONDITIONINGS
                for epochs, suffix in [(EPOCHS, ""), (LONG_EPOCHS, "-long")]]
-    lines = ["| autoregressive decoder, seed 0 | " + " | ".join(label for label, _ in columns) + " |",
+    lines = [f"| {run_label(prefix)}decoder, seed 0 | " + " | ".join(label for label, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for key in LATENT_KEYS:
         values = [metrics[name]["metrics"][key]["model"] for _, name in columns]

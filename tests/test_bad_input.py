@@ -15,25 +15,6 @@ from conftest import N_TEST, N_TRAIN
 from test_faults import failing_open
 
 
-@pytest.fixture
-def user(tmp_path, in_process, mnist_root):
-    """Runs train.py or sample.py in tmp_path on synthetic MNIST copied there (so that a case may
-    break it), on the CPU: user("sample.py", "--out", "g.png") -> (code, stdout, stderr)."""
-    shutil.copytree(mnist_root, tmp_path / "data")
-
-    def run(script, *args, check=False, data="data"):
-        result = in_process(script, "--data-root", data, "--device", "cpu", *args, cwd=tmp_path, check=check)
-        return result.returncode, result.stdout, result.stderr
-    return run
-
-
-@pytest.fixture
-def trained(user, tmp_path):
-    """A one-epoch checkpoint, ck/mix_match_01.pth."""
-    user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res", check=True)
-    return tmp_path / "ck" / "mix_match_01.pth"
-
-
 def refused(result, message, code=1):
     code_seen, out, err = result
     assert code_seen == code and message in err, (code_seen, out, err)

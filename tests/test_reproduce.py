@@ -12,12 +12,16 @@ from reproduce_results import (
     differences_table,
     fidelity_key,
     frontier_table,
+    latent_columns,
     latent_differences_table,
+    latent_pairs,
     latent_table,
     long_table,
     measurements,
     on_curve,
     plot_frontier,
+    recurrent_columns,
+    recurrent_pairs,
     seed_table,
 )
 
@@ -97,10 +101,11 @@ def latent_metrics():
     the MLP and 1 for the autoregressive decoder, plus 2 for fixed and concat; no diversity from the
     Sampling alone where there is no random Sampling; the long runs' KL is half their base."""
     made = {}
-    for name in measurements("latent-use"):
+    for name in [*measurements("latent-use"), *measurements("recurrent")]:
         seed = int(re.search(r"seed(\d)", name).group(1))
         mode = next(m for m in ("mix-and-match", "fixed", "concat") if m in name)
-        kl = float((1 if name.startswith("ar-") else 10) + (0 if mode == "mix-and-match" else 2) + seed)
+        kl = float((1 if name.startswith(("ar-", "rnn-")) else 10) + (0 if mode == "mix-and-match" else 2) + seed)
+        kl += 0.5 if name.startswith("rnn-tf-") else 0
         kl = kl / 2 if "-long" in name else kl
         values = {key: 1.0 for key in LATENT_KEYS}
         values.update(kl=kl, active_units=3, diversity_sampling=None if mode != "mix-and-match" else 0.5)
@@ -110,14 +115,14 @@ def latent_metrics():
 
 
 def test_latent_use_tables_from_hand_made_runs():
-    lines = latent_table(latent_metrics()).splitlines()
+    lines = latent_table(latent_metrics(), latent_columns()).splitlines()
     assert lines[0] == ("| metric (per test image), mean ± sd over seeds 0, 1, 2 | mlp, mix-and-match | "
                         "mlp, fixed | mlp, concat | autoregressive, mix-and-match | autoregressive, fixed | "
                         "autoregressive, concat |")
     assert "| kl | 11.000 ± 1.000 | 13.000 ± 1.000 | 13.000 ± 1.000 | 2.000 ± 1.000 | 4.000 ± 1.000 | 4.000 ± 1.000 |" \
         in lines
     assert "| diversity sampling | 0.500 ± 0.000 | n/a | n/a | 0.500 ± 0.000 | n/a | n/a |" in lines
-    lines = latent_differences_table(latent_metrics()).splitlines()
+    lines = latent_differences_table(latent_metrics(), latent_pairs()).splitlines()
     columns = lines[0].split(" | ")
     rows = {line.split(" | ")[0]: line.split(" | ") for line in lines}
     # autoregressive mix-and-match - fixed: KL 2 - 4 = -2, beyond twice the sd of 1? no (2 is not > 2)
@@ -125,5 +130,20 @@ def test_latent_use_tables_from_hand_made_runs():
     # each decoder against the other: -9, a finding
     assert rows["| kl"][columns.index("autoregressive mix-and-match − mix-and-match")] == "-9.000 (2.000, yes)"
     assert rows["| diversity sampling"][columns.index("mix-and-match − fixed")] == "n/a"
-    long = {line.split(" | ")[0]: line for line in long_table(latent_metrics()).splitlines()}
+    long = {line.split(" | ")[0]: line for line in long_table(latent_metrics(), "ar-").splitlines()}
     assert long["| kl"] == "| kl | 1.000 | 0.500 | 3.000 | 1.500 | 3.000 | 1.500 |"
+
+
+def test_recurrent_tables_from_hand_made_runs():
+    lines = latent_table(latent_metrics(), recurrent_columns()).splitlines()
+    assert lines[0].endswith("| recurrent, mix-and-match | recurrent, fixed | recurrent, concat | recurrent always "
+                             "teacher-forced, mix-and-match | recurrent always teacher-forced, fixed |")
+    assert "| kl | 2.000 ± 1.000 | 4.000 ± 1.000 | 4.000 ± 1.000 | 2.500 ± 1.000 | 4.500 ± 1.000 |" in lines
+    lines = latent_differences_table(latent_metrics(), recurrent_pairs()).splitlines()
+    columns, rows = lines[0].split(" | "), {line.split(" | ")[0]: line.split(" | ") for line in lines}
+    assert rows["| kl"][columns.index("recurrent mix-and-match − recurrent always teacher-forced mix-and-match")] \
+        == "-0.500 (2.000)"
+    assert rows["| kl"][columns.index("recurrent mix-and-match − recurrent concat")] == "-2.000 (2.000)"
+    long = {line.split(" | ")[0]: line for line in long_table(latent_metrics(), "rnn-").splitlines()}
+    assert long["| kl"] == "| kl | 1.000 | 0.500 | 3.000 | 1.500 | 3.000 | 1.500 |"
+    assert long_table(latent_metrics(), "rnn-").startswith("| recurrent decoder, seed 0 | mix-and-match, epoch 50 |")
