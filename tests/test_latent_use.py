@@ -155,9 +155,12 @@ def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, m
 def test_a_checkpoint_from_before_the_decoder_flag_resumes_as_mlp():
     checkpoint = {"config": {"hidden_dim": 128, "latent_dim": 32, "conditioning": "fixed"}, "alpha": 64,
                   "curriculum_step": 0, "args": {"lr": 1e-3, "batch_size": 64}}
-    args = argparse.Namespace(**dict.fromkeys(TUTORIAL))
+    args = argparse.Namespace(**dict.fromkeys([*TUTORIAL, "teacher_forcing_epochs"]))
     resolve_run_flags(args, checkpoint)
     assert (args.decoder, args.conditioning, args.lr, args.batch_size) == ("mlp", "fixed", 1e-3, 64)
-    args = argparse.Namespace(**{**dict.fromkeys(TUTORIAL), "decoder": "autoregressive"})
+    # and from before the recurrent decoder and the two fixes: trained without them
+    assert (args.teacher_forcing_epochs, args.history_dropout, args.free_bits) == (0, 0.0, 0.0)
+    args = argparse.Namespace(**{**dict.fromkeys([*TUTORIAL, "teacher_forcing_epochs"]),
+                                 "decoder": "autoregressive"})
     with pytest.raises(SystemExit, match=r"--decoder autoregressive \(the checkpoint has mlp\)"):
         resolve_run_flags(args, checkpoint)

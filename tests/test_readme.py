@@ -74,3 +74,12 @@ def test_the_check_fails_on_a_moved_function_a_missing_file_and_a_line_past_the_
     assert problems[0].endswith("there is no nothere.py")
     assert re.search(r"main is defined at L\d+$", problems[1])
     assert problems[2].endswith("a line link names its def or class, as [`name`]")
+
+
+def test_the_own_model_example_runs_as_written():
+    """README's "Mix-and-Match in your own model" block, executed as a reader would paste it."""
+    section = readme().split("## Mix-and-Match in your own model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # its own assert checks the shape it promises
+    assert namespace["h_z"].shape == (8, 128) and len(namespace["future"]) == 25
