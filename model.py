@@ -207,7 +207,7 @@ class MixAndMatchCVAE(nn.Module):
 
 
 def drop_history(history, p):
-    """History dropout (Bowman et al. 2016, "word dropout", section 3.2): each previous pixel (B, T),
+    """History dropout (Bowman et al. 2016, their "word dropout"): each previous pixel (B, T),
     or each previous frame (B, T, FRAME), is zeros with probability p, so that the decoder must
     take what it loses from z. p = 0 draws nothing: training is then as without it, bit for bit."""
     if p == 0:

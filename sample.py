@@ -53,9 +53,9 @@ CACHE_FILES = ("digit_classifier.pth", "mnist_neighbours.pth")
 # bottom is still a third of a random pair's distance away (median 1.87 against 5.63 on MNIST)
 # and barely farther than the nearest (1.39); beyond, the neighbours' digits agree less
 NEIGHBOURS = 10
-# fidelity and coverage compare sets of this many points at least: k-NN balls of k = 5 need 6, so
-# the test images left out of --n-eval, and --n-eval x --n-samples completions, must be as many
-MIN_HELD_OUT = 6
+# fidelity and coverage compare sets of at least this many points (k-NN balls of k = 5 need 6): the
+# test images left out of --n-eval, and the --n-eval x --n-samples completions
+MIN_SET_SIZE = 6
 
 
 def main():
@@ -108,8 +108,8 @@ def run(parser, args):
         parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
     if args.metrics and args.n_eval < 2:
         parser.error("--metrics needs --n-eval >= 2 (active units compare the posterior means of images)")
-    if args.metrics and args.n_eval * args.n_samples < MIN_HELD_OUT:
-        parser.error(f"--metrics needs --n-eval x --n-samples >= {MIN_HELD_OUT} completions (the fidelity measures' "
+    if args.metrics and args.n_eval * args.n_samples < MIN_SET_SIZE:
+        parser.error(f"--metrics needs --n-eval x --n-samples >= {MIN_SET_SIZE} completions (the fidelity measures' "
                      f"k-NN balls of k = 5), got {args.n_eval} x {args.n_samples}")
     if args.json and not args.metrics:
         parser.error("--json writes the metrics: add --metrics")
@@ -129,9 +129,9 @@ def run(parser, args):
     test_images, test_labels = load_mnist(args.data_root, train=False, device=device)
     if args.n_images > len(test_images):
         parser.error(f"--n-images must be at most {len(test_images)}, the test set's size")
-    if args.metrics and args.n_eval > len(test_images) - MIN_HELD_OUT:
-        parser.error(f"--n-eval must be at most {len(test_images) - MIN_HELD_OUT}: the fidelity measures "
-                     f"compare the completions with the test images left out ({MIN_HELD_OUT} at least)")
+    if args.metrics and args.n_eval > len(test_images) - MIN_SET_SIZE:
+        parser.error(f"--n-eval must be at most {len(test_images) - MIN_SET_SIZE}: the fidelity measures "
+                     f"compare the completions with the test images left out ({MIN_SET_SIZE} at least)")
     images = test_images[:args.n_images]
     grid = completion_grid(model, images, alpha, args.n_samples, args.temperature)
     if not bool(grid.isfinite().all()):  # z = T * eps overflows the decoder: a grid of noise, metrics of NaN

@@ -1,7 +1,8 @@
 """
-Benchmark (not a test): our train.py training loop against the tutorial's pipeline, same model
-and recipe, timed side by side in one process; then train.py's own main() for a whole default
-run (--run-epochs), to show what a run spends outside the training loop.
+Benchmark (not a test): first an epoch of each decoder against the MLP decoder's; then our
+train.py training loop against the tutorial's pipeline, same model and recipe, timed side by side
+in one process; then train.py's own main() for a whole default run (--run-epochs), to show what a
+run spends outside the training loop.
 
 The reference loop is the tutorial's: torchvision MNIST through transforms.ToTensor and
 DataLoader(batch_size=128, shuffle=True, num_workers=0), images reshaped per batch, Resampling
@@ -9,7 +10,7 @@ built from a zeros tensor and two indexed assignments, torch's BCE and torch's d
 Both loops see the same batches and Sampling draws for a seed (tests/test_speed_path.py checks
 they agree).
 
-    python3 tests/bench_train.py --data-root ../shared/data
+    python3 tests/bench_train.py --data-root ../shared/data [--decoders-only]
 
 Notes for whoever optimises this next (2 CPU cores; README, Speed, has the summary):
 - What each change bought, in one process, alternating epochs of four variants, median of four
@@ -54,7 +55,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import train
-from model import MixAndMatchCVAE
+from model import MixAndMatchCVAE, ModelConfig
 from sample import completion_grid
 from train import anneal_weight, train_epoch
 from utils import get_device, kl_divergence, load_mnist, mnist_dataset, split_image
@@ -166,6 +167,25 @@ def whole_run(data_root, device, epochs):
     return (end - starts[0]) / epochs, sum(loop) / epochs
 
 
+def decoder_seconds(images, device, epochs, batch_size, alpha):
+    """{decoder: train.py's train_epoch seconds per epoch}, epochs interleaved across the decoders,
+    the median after one warm-up. The recurrent decoder teacher-forced (one GRU call, its
+    schedule's first epoch) and at a teacher-forcing probability of 0.5 (row by row, as every
+    later epoch of the schedule runs)."""
+    variants = {"mlp": ("mlp", 1.0), "autoregressive": ("autoregressive", 1.0),
+                "recurrent, teacher-forced": ("recurrent", 1.0), "recurrent, schedule at 0.5": ("recurrent", 0.5)}
+    models = {name: MixAndMatchCVAE(ModelConfig(decoder=decoder)).to(device) for name, (decoder, _) in variants.items()}
+    optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-4, fused=True) for name, model in models.items()}
+    times = {name: [] for name in variants}
+    for epoch in range(epochs + 1):
+        for name, (_, teacher_forcing) in variants.items():
+            t = timed(device, train_epoch, models[name], optimizers[name], images, batch_size, alpha,
+                      epoch * len(images) // batch_size, None, teacher_forcing)
+            if epoch > 0:
+                times[name].append(t)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
@@ -176,12 +196,20 @@ def main():
                              "its one-off costs (importing matplotlib, the last drawing) weigh on a short run "
                              "(default: 50)")
     parser.add_argument("--device", default="auto", help="(default: auto)")
+    parser.add_argument("--decoders-only", action="store_true",
+                        help="time an epoch of each decoder against the MLP's, and nothing else")
     args = parser.parse_args()
     device = get_device(args.device)
     batch_size, lr, alpha = 128, 1e-4, 64
 
     torch.manual_seed(0)
     images, _ = load_mnist(args.data_root, train=True, device=device)
+    decoders = decoder_seconds(images, device, args.epochs, batch_size, alpha)
+    print(f"train_epoch per decoder, median of {args.epochs} epochs after 1 warm-up, {torch.get_num_threads()} torch "
+          f"threads:\n" + "\n".join(f"{name:<32} {seconds:8.2f} s/epoch  {seconds / decoders['mlp']:.2f}x the mlp's"
+                                    for name, seconds in decoders.items()), flush=True)
+    if args.decoders_only:
+        return
     ours = MixAndMatchCVAE().to(device)
     ours_optimizer = torch.optim.Adam(ours.parameters(), lr=lr, fused=True)
     loader = tutorial_loader(args.data_root, batch_size)
