@@ -113,20 +113,23 @@ def reproduce(args):
         copy_grids(args, {"mix-and-match": "sampled.png", "fixed": "sampled_fixed.png",
                           "curriculum": "sampled_curriculum.png"})
     if "recurrent" in sections:
-        write_tables(os.path.join(args.runs_dir, "recurrent.md"),
-                     [latent_table(metrics, recurrent_columns()), latent_differences_table(metrics, recurrent_pairs()),
-                      long_table(metrics, "rnn-")])
-        plot_history({f"recurrent, {mode}": checkpoint_history(args, f"rnn-{mode}-seed0-long", LONG_EPOCHS)
-                      for mode in CONDITIONINGS}, os.path.join(samples, "kl_recurrent.png"))
-        copy_grids(args, {f"rnn-{mode}": f"sampled_rnn_{mode}.png" for mode in CONDITIONINGS})
+        write_latent_section(args, metrics, "recurrent.md", recurrent_columns(), recurrent_pairs(), "recurrent")
     if "latent-use" in sections:
-        write_tables(os.path.join(args.runs_dir, "latent_use.md"),
-                     [latent_table(metrics, latent_columns()), latent_differences_table(metrics, latent_pairs()),
-                      long_table(metrics, "ar-")])
-        plot_history({f"autoregressive, {mode}": checkpoint_history(args, f"ar-{mode}-seed0-long", LONG_EPOCHS)
-                      for mode in CONDITIONINGS}, os.path.join(samples, "kl_autoregressive.png"))
-        copy_grids(args, {f"ar-{mode}": f"sampled_ar_{mode}.png" for mode in CONDITIONINGS})
+        write_latent_section(args, metrics, "latent_use.md", latent_columns(), latent_pairs(), "autoregressive")
     print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
+
+
+def write_latent_section(args, metrics, tables, columns, pairs, decoder):
+    """A latent-use section's tables (every measure by column, the pairs' differences, the
+    decoder's seed-0 runs at EPOCHS and LONG_EPOCHS), the curves of those long runs
+    (samples/kl_<decoder>.png) and the seed-0 grids (samples/sampled_<prefix>_<mode>.png)."""
+    prefix = {"autoregressive": "ar-", "recurrent": RECURRENT[0]}[decoder]
+    write_tables(os.path.join(args.runs_dir, tables), [latent_table(metrics, columns),
+                                                       latent_differences_table(metrics, pairs),
+                                                       long_table(metrics, prefix)])
+    plot_history({f"{decoder}, {mode}": checkpoint_history(args, f"{prefix}{mode}-seed0-long", LONG_EPOCHS)
+                  for mode in CONDITIONINGS}, os.path.join(REPO, "samples", f"kl_{decoder}.png"))
+    copy_grids(args, {f"{prefix}{mode}": f"sampled_{prefix[:-1]}_{mode}.png" for mode in CONDITIONINGS})
 
 
 def write_tables(path, tables):
