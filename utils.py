@@ -745,7 +745,9 @@ def load_cache(path, fingerprint, device, redo, load):
     except Exception as e:  # noqa: BLE001
         print(f"{redo}: cannot read {path} ({type(e).__name__})")
         return None
-    if not isinstance(cached, dict) or cached.get("mnist_sha256") != fingerprint:
+    if not isinstance(cached, dict):
+        print(f"{redo}: {path} holds a {type(cached).__name__}, not a cache of this code")
+    elif cached.get("mnist_sha256") != fingerprint:
         print(f"{redo}: {path} was made from other MNIST files")
     elif first_non_finite(cached):
         print(f"{redo}: {path} holds a NaN or infinite value")

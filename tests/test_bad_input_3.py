@@ -55,6 +55,9 @@ def test_caches_an_older_version_wrote_are_rebuilt_with_a_line(user, trained, tm
     assert "threshold" in torch.load(neighbours, weights_only=True)  # rebuilt whole
     _, out, _ = user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, check=True)
     assert "retraining" not in out and "again" not in out  # and used from then on
+    torch.save([1, 2], neighbours)  # not even a dict
+    _, out, _ = user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, check=True)
+    assert "finding the bottom neighbours again: checkpoint/mnist_neighbours.pth holds a list, not a cache" in out
 
 
 # ----------------------------------------------------------------------------- metric flags at their limits
