@@ -244,12 +244,12 @@ class RecurrentDecoder(nn.Module):
 
     def forward(self, fused, condition, data=None, teacher_forcing=1.0):
         """(B, output_dim) probabilities. Teacher-forced (data given, teacher_forcing 1) in one GRU
-        call; else step by step, each step fed the true frame with probability teacher_forcing
+        call; else row by row, each step fed the true frame with probability teacher_forcing
         and otherwise its own output (always, without data)."""
         state = self.initial_state(fused)[None].contiguous()  # (1, B, hidden_dim): h_z
         first = condition[:, self.shared:self.shared + FRAME]  # (B, FRAME): row 18
         if data is None:
-            return self.generate(state, first, condition[:, :self.shared])
+            return self.unroll(state, first, condition[:, :self.shared])
         # rows 18, 17, ..., 0: the inputs are the first 18, the targets the last 18
         frames = torch.cat([data, condition[:, :self.shared + FRAME]], 1).unflatten(1, (-1, FRAME)).flip(1)
         inputs = frames[:, :-1]  # (B, rows, FRAME)
@@ -259,28 +259,26 @@ class RecurrentDecoder(nn.Module):
             states, _ = self.gru(inputs, state)  # (B, rows, hidden_dim)
             return self.to_top(torch.sigmoid(self.frame(states)))
         # scheduled sampling (Bengio et al. 2015), as the paper trains: per image and frame, the true
-        # frame with probability teacher_forcing, else the decoder's own output. Its own output is
-        # fed without a gradient, as a sampled frame would be
+        # frame with probability teacher_forcing, else the decoder's own output
         true_fed = torch.rand(inputs.shape[:2], device=inputs.device) < teacher_forcing  # (B, rows)
-        frame, outputs = inputs[:, 0], []
+        return self.unroll(state, first, condition[:, :self.shared], inputs, true_fed)
+
+    def unroll(self, state, frame, shared_pixels, true_frames=None, true_fed=None):
+        """Row by row for the whole batch, each step fed its own output as probabilities, without a
+        gradient, as a sampled frame would be (as the autoregressive decoder generates, so that z
+        and the Sampling fix a completion). In scheduled training, the true frame instead where
+        true_fed (B, rows), and history dropout on the decoder's own frames."""
+        outputs = []
         for t in range(self.rows):
             step, state = self.gru(frame[:, None], state)
             outputs.append(torch.sigmoid(self.frame(step[:, 0])))  # (B, FRAME)
-            if t + 1 < self.rows:
-                own = self.known_pixels(outputs[-1].detach(), t, condition[:, :self.shared])
+            if t + 1 == self.rows:
+                break
+            frame = self.known_pixels(outputs[-1].detach(), t, shared_pixels)
+            if true_frames is not None:
                 if self.training and self.history_dropout:
-                    own = drop_history(own[:, None], self.history_dropout)[:, 0]
-                frame = torch.where(true_fed[:, t + 1, None], inputs[:, t + 1], own)
-        return self.to_top(torch.stack(outputs, 1))
-
-    def generate(self, state, first, shared_pixels):
-        """The decoder fed its own frames, as probabilities (as the autoregressive decoder generates),
-        so that z and the Sampling fix the completion; one step a row for the whole batch."""
-        frame, outputs = first, []
-        for t in range(self.rows):
-            step, state = self.gru(frame[:, None], state)
-            outputs.append(torch.sigmoid(self.frame(step[:, 0])))
-            frame = self.known_pixels(outputs[-1], t, shared_pixels)
+                    frame = drop_history(frame[:, None], self.history_dropout)[:, 0]
+                frame = torch.where(true_fed[:, t + 1, None], true_frames[:, t + 1], frame)
         return self.to_top(torch.stack(outputs, 1))
 
     def known_pixels(self, frame, t, shared_pixels):

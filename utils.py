@@ -49,7 +49,12 @@ def kl_anneal_function(anneal_function, step, k, x0):
 
 def kl_divergence(mu, logvar):
     """Per image (B,): KL(q(z|x,c) || N(0, I)) = -0.5 * sum(1 + logvar - mu^2 - exp(logvar))."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+    return kl_per_unit(mu, logvar).sum(1)
+
+
+def kl_per_unit(mu, logvar):
+    """(B, latent_dim): the KL of each latent unit, the terms kl_divergence sums."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
 class BinaryCrossEntropySum(torch.autograd.Function):
@@ -77,11 +82,10 @@ class BinaryCrossEntropySum(torch.autograd.Function):
 def free_bits_kl(mu, logvar, free_bits):
     """Free bits (Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow",
     NeurIPS 2016, its appendix on free bits): the KL of each latent unit, averaged over the batch,
-    counts as at least free_bits nats, sum_u max(free_bits, mean_batch KL_u), times the batch size to sum over it as
-    loss_terms does. Below free_bits a unit's KL has no gradient: nothing is gained by pushing it
-    lower, so the optimiser need not give the unit up."""
-    kl_per_unit = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # (B, latent_dim)
-    return len(mu) * kl_per_unit.mean(0).clamp_min(free_bits).sum()
+    counts as at least free_bits nats, sum_u max(free_bits, mean_batch KL_u), times the batch size
+    to sum over it as loss_terms does. Below free_bits a unit's KL has no gradient: nothing is
+    gained by pushing it lower, so the optimiser need not give the unit up."""
+    return len(mu) * kl_per_unit(mu, logvar).mean(0).clamp_min(free_bits).sum()
 
 
 def loss_terms(reconstruction, data, mu, logvar):

@@ -113,18 +113,19 @@ def reproduce(args):
         copy_grids(args, {"mix-and-match": "sampled.png", "fixed": "sampled_fixed.png",
                           "curriculum": "sampled_curriculum.png"})
     if "recurrent" in sections:
-        write_latent_section(args, metrics, "recurrent.md", recurrent_columns(), recurrent_pairs(), "recurrent")
+        write_latent_section(args, metrics, "recurrent", recurrent_columns(), recurrent_pairs())
     if "latent-use" in sections:
-        write_latent_section(args, metrics, "latent_use.md", latent_columns(), latent_pairs(), "autoregressive")
+        write_latent_section(args, metrics, "latent-use", latent_columns(), latent_pairs())
     print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
 
 
-def write_latent_section(args, metrics, tables, columns, pairs, decoder):
-    """A latent-use section's tables (every measure by column, the pairs' differences, the
-    decoder's seed-0 runs at EPOCHS and LONG_EPOCHS), the curves of those long runs
-    (samples/kl_<decoder>.png) and the seed-0 grids (samples/sampled_<prefix>_<mode>.png)."""
-    prefix = {"autoregressive": "ar-", "recurrent": RECURRENT[0]}[decoder]
-    write_tables(os.path.join(args.runs_dir, tables), [latent_table(metrics, columns),
+def write_latent_section(args, metrics, section, columns, pairs):
+    """A latent-use section's tables in <section>.md (every measure by column, the pairs'
+    differences, the long runs' decoder at EPOCHS and LONG_EPOCHS), the curves of those long runs
+    (samples/kl_<decoder>.png) and their seed-0 grids (samples/sampled_<prefix>_<mode>.png)."""
+    prefix = grid_and_long_prefix(section)[1]
+    decoder = run_label(prefix).strip()
+    write_tables(os.path.join(args.runs_dir, f"{section.replace('-', '_')}.md"), [latent_table(metrics, columns),
                                                        latent_differences_table(metrics, pairs),
                                                        long_table(metrics, prefix)])
     plot_history({f"{decoder}, {mode}": checkpoint_history(args, f"{prefix}{mode}-seed0-long", LONG_EPOCHS)

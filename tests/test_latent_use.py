@@ -126,26 +126,31 @@ def test_diversity_by_source_holds_the_other_source_fixed():
     assert completion_distances(same, same[:, 0])[0].abs().max() < 1e-6  # the fixed split: 0 by construction
 
 
-def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, mnist_root, in_process):
-
+def train_resume_and_measure(in_process, cwd, mnist_root, model_flags, epochs):
+    """train.py with model_flags straight to `epochs`, and to epochs - 1 then --resume'd to `epochs`
+    without them (they come from the checkpoint); then sample.py --metrics --json on the straight
+    run. Returns the resumed run's result, both final checkpoints, sample.py's result and metrics."""
     common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", "results"]
-    model_flags = ["--decoder", "autoregressive", "--conditioning", "concat"]
-    for epochs, folder in [(2, "straight"), (1, "first")]:
-        in_process("train.py", *common, *model_flags, "--epochs", epochs, "--checkpoint-dir", folder, cwd=tmp_path,
-                   check=True)
+    for n, folder in [(epochs, "straight"), (epochs - 1, "first")]:
+        in_process("train.py", *common, *model_flags, "--epochs", n, "--checkpoint-dir", folder, cwd=cwd, check=True)
+    resumed_run = in_process("train.py", *common, "--epochs", epochs, "--checkpoint-dir", "resumed", "--resume",
+                             f"first/mix_match_{epochs - 1:02d}.pth", cwd=cwd, check=True)
+    straight, resumed = (torch.load(cwd / folder / f"mix_match_{epochs:02d}.pth", weights_only=True)
+                         for folder in ("straight", "resumed"))
+    result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
+                        f"straight/mix_match_{epochs:02d}.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
+                        "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=cwd, check=True)
+    return resumed_run, straight, resumed, result, json.loads((cwd / "m.json").read_text())["metrics"]
+
+
+def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, mnist_root, in_process):
     # the model flags come from the checkpoint: the resumed run continues exactly
-    in_process("train.py", *common, "--epochs", "2", "--checkpoint-dir", "resumed", "--resume",
-               "first/mix_match_01.pth", cwd=tmp_path, check=True)
-    straight = torch.load(tmp_path / "straight" / "mix_match_02.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "mix_match_02.pth", weights_only=True)
+    _, straight, resumed, result, metrics = train_resume_and_measure(
+        in_process, tmp_path, mnist_root, ["--decoder", "autoregressive", "--conditioning", "concat"], 2)
     assert (straight["config"]["decoder"], straight["config"]["conditioning"]) == ("autoregressive", "concat")
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
-    result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
-                        "straight/mix_match_02.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
-                        "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=tmp_path, check=True)
     assert "wrote grid.png: 20 rows x 6 columns" in result.stdout
     assert "concat conditioning, autoregressive decoder" in result.stdout
-    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert metrics["diversity_z"]["model"] > 0
     # no Sampling: said, not printed as a zero that would read as a finding
     assert metrics["diversity_sampling"]["model"] is None

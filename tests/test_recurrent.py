@@ -1,13 +1,13 @@
 """The paper's own regime (README, "Does Mix-and-Match keep the latent in use?"): the recurrent
 decoder and its teacher-forcing schedule; and the two standard fixes for an ignored latent, free
 bits and history dropout."""
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import FRAME, MixAndMatchCVAE, ModelConfig, drop_history
+from test_latent_use import train_resume_and_measure
 from train import teacher_forcing_probability
 from utils import free_bits_kl, posterior_draws
 
@@ -155,30 +155,20 @@ def test_history_dropout_acts_in_training_only(decoder):
 
 
 def test_recurrent_trains_on_its_schedule_resumes_mid_schedule_and_samples(tmp_path, mnist_root, in_process):
-    common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", "results"]
     flags = ["--decoder", "recurrent", "--conditioning", "concat", "--teacher-forcing-epochs", 2,
              "--history-dropout", 0.2, "--free-bits", 0.1]
-    for epochs, folder in [(3, "straight"), (2, "first")]:
-        in_process("train.py", *common, *flags, "--epochs", epochs, "--checkpoint-dir", folder, cwd=tmp_path,
-                   check=True)
-    result = in_process("train.py", *common, "--epochs", "3", "--checkpoint-dir", "resumed", "--resume",
-                        "first/mix_match_02.pth", cwd=tmp_path, check=True)
-    assert "teacher forcing over 2 epochs, history dropout 0.2, free bits 0.1" in result.stdout
-    straight = torch.load(tmp_path / "straight" / "mix_match_03.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "mix_match_03.pth", weights_only=True)
+    resumed_run, straight, resumed, result, metrics = train_resume_and_measure(in_process, tmp_path, mnist_root,
+                                                                               flags, 3)
+    assert "teacher forcing over 2 epochs, history dropout 0.2, free bits 0.1" in resumed_run.stdout
     assert [h["teacher_forcing"] for h in straight["history"]] == [1.0, 0.5, 0.0]
     assert (straight["config"]["decoder"], straight["config"]["history_dropout"]) == ("recurrent", 0.2)
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
-    result = in_process("train.py", *common, "--epochs", "4", "--checkpoint-dir", "x", "--resume",
-                        "first/mix_match_02.pth", "--free-bits", "0.5", cwd=tmp_path)
-    assert result.returncode == 1 and "--free-bits 0.5 (the checkpoint has 0.1)" in result.stderr
-    result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
-                        "straight/mix_match_03.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
-                        "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=tmp_path, check=True)
     assert "concat conditioning, recurrent decoder" in result.stdout
     assert "trained with free bits 0.1" in result.stdout
-    metrics = json.loads((tmp_path / "m.json").read_text())["metrics"]
     assert metrics["diversity_z"]["model"] > 0
+    refused = in_process("train.py", "--data-root", mnist_root, "--device", "cpu", "--epochs", "4", "--checkpoint-dir",
+                         "x", "--resume", "first/mix_match_02.pth", "--free-bits", "0.5", cwd=tmp_path)
+    assert refused.returncode == 1 and "--free-bits 0.5 (the checkpoint has 0.1)" in refused.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
