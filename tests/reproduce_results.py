@@ -17,13 +17,18 @@ Section "recurrent" (the same README section, the paper's own regime):
 - mix-and-match, fixed and concat with the recurrent decoder and train.py's schedule of teacher
   forcing, seeds 0, 1 and 2, the seed-0 runs continued to LONG_EPOCHS; mix-and-match and fixed
   also always teacher-forced, to tell what feeding back its own rows changes; each at T = 1.
+Section "fixes" (README, "Mix-and-Match or the usual fix?"):
+- the ordinary CVAE (concat) with each fix of FIXES, with each expressive decoder: a seed-0 sweep
+  of the fix's values, then seeds 1 and 2 at the value the sweep picks (the most diversity from z
+  alone, what the fix is for), beside mix-and-match, fixed and concat with the same decoder
+  (the runs of "latent-use" and "recurrent", named alike so that they are trained once); at T = 1.
 
 The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
 and a training that was interrupted resumes from its newest checkpoint, so the same command
 continues an interrupted reproduction. Two of them may run at once (one per core, each with
 OMP_NUM_THREADS=1): a run one is training (its train.lock) is left to it, and the tables are
-written by the one that finds every run done. Writes results/reproduce/results.md and latent_use.md
-and recurrent.md (README's tables), samples/frontier.png, samples/kl_curves.png,
+written by the one that finds every run done. Writes results/reproduce/results.md, latent_use.md,
+recurrent.md and fixes.md (README's tables), samples/frontier.png, samples/kl_curves.png,
 samples/kl_autoregressive.png, samples/kl_recurrent.png and the seed-0 completion grids
 samples/sampled*.png.
 """
@@ -61,7 +66,14 @@ SHIPPED = os.path.join(REPO, "checkpoint", "mix_match_50.pth")  # measured as th
 # always teacher-forced (mix-and-match and fixed only)
 RECURRENT = ("rnn-", ["--decoder", "recurrent"])
 ALWAYS_FORCED = ("rnn-tf-", ["--decoder", "recurrent", "--teacher-forcing-epochs", "0"], ("mix-and-match", "fixed"))
-SECTIONS = ("recurrent", "latent-use", "results")  # the longest chains of runs first
+# the standard fixes for an ignored latent, each on the ordinary CVAE (concat) with each expressive
+# decoder: {name: (train.py flag, run-name tag, the seed-0 sweep's values)}. Free bits in nats per
+# latent unit (32 units: a floor of 3.2 to 16 nats, from about the autoregressive concat's KL up);
+# history dropout as the probability of a zeroed pixel or row, light to heavy
+FIXES = {"free bits": ("--free-bits", "fb", (0.1, 0.25, 0.5)),
+         "history dropout": ("--history-dropout", "hd", (0.25, 0.5, 0.75))}
+EXPRESSIVE = {"autoregressive": DECODERS["autoregressive"], "recurrent": RECURRENT}
+SECTIONS = ("recurrent", "fixes", "latent-use", "results")  # the longest chains of runs first
 
 
 def main():
@@ -87,14 +99,15 @@ def main():
 def reproduce(args):
     sections = [args.section] if args.section else SECTIONS
     t0 = time.time()
-    trainings, measures = {}, {}
-    for section in sections:
-        trainings.update(training_runs(section))
-        measures.update(measurements(section))
-    pending = [name for i, (name, (flags, epochs, start)) in enumerate(trainings.items(), 1)
-               if not train(args, name, flags, epochs, start, f"[{i}/{len(trainings)}]")]
-    pending += [name for i, (name, (run_name, flags)) in enumerate(measures.items(), 1)
-                if not measure(args, name, run_name, flags, f"[{i}/{len(measures)}]")]
+    for _ in range(2 if "fixes" in sections else 1):  # the fixes' seeds 1 and 2 follow from their sweep
+        trainings, measures = {}, {}
+        for section in sections:
+            trainings.update(training_runs(section, args))
+            measures.update(measurements(section, args))
+        pending = [name for i, (name, (flags, epochs, start)) in enumerate(trainings.items(), 1)
+                   if not train(args, name, flags, epochs, start, f"[{i}/{len(trainings)}]")]
+        pending += [name for i, (name, (run_name, flags)) in enumerate(measures.items(), 1)
+                    if not measure(args, name, run_name, flags, f"[{i}/{len(measures)}]")]
     # what the other reproduction was on may have ended meanwhile; then this one writes the tables
     pending = [name for name in pending if not (read_measurement(args, name) is not None if name in measures else
                                                 os.path.isfile(final_checkpoint(args, name, trainings[name][1])))]
@@ -116,6 +129,11 @@ def reproduce(args):
         write_latent_section(args, metrics, "recurrent", recurrent_columns(), recurrent_pairs())
     if "latent-use" in sections:
         write_latent_section(args, metrics, "latent-use", latent_columns(), latent_pairs())
+    if "fixes" in sections:
+        picks = picked_values(metrics)
+        write_tables(os.path.join(args.runs_dir, "fixes.md"), [
+            methods_table(metrics, fixes_rows(picks)), sweep_table(metrics),
+            latent_differences_table(metrics, fixes_pairs(picks))])
     print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
 
 
@@ -165,13 +183,78 @@ def recurrent_runs():
     return runs
 
 
+def fix_prefix(prefix, tag, value, mode="concat"):
+    """The run-name prefix of a decoder's conditioning with a fix: "ar-concat-fb0.25"."""
+    return f"{prefix}{mode}-{tag}{value:g}"
+
+
+def sweep_runs():
+    """{run name: train.py flags} of the fixes' seed-0 sweep: decoder x fix x value, on concat."""
+    return {f"{fix_prefix(prefix, tag, value)}-seed0": [*CONDITIONINGS["concat"], *decoder_flags, flag, f"{value:g}",
+                                                         "--seed", "0"]
+            for prefix, decoder_flags in EXPRESSIVE.values() for flag, tag, values in FIXES.values()
+            for value in values}
+
+
+def picked_values(metrics):
+    """{(decoder's run-name prefix, fix): the value its sweep picks}, the one with the most diversity
+    from z alone (what the fix is for; the sweep's table shows what it costs), for each sweep whose
+    runs are all measured."""
+    picks = {}
+    for prefix, _ in EXPRESSIVE.values():
+        for fix, (_, tag, values) in FIXES.items():
+            runs = [metrics.get(f"{fix_prefix(prefix, tag, value)}-seed0-T1") for value in values]
+            if None not in runs:
+                picks[prefix, fix] = max(values, key=lambda v: runs[values.index(v)]["metrics"]["diversity_z"]["model"])
+    return picks
+
+
+def fixes_runs(args):
+    """{run name: train.py flags} of section "fixes": the sweep, the plain runs of each expressive
+    decoder, and seeds 1 and 2 of each fix at its picked value once the sweep is measured."""
+    runs = sweep_runs()
+    runs.update({name: flags for name, flags in {**latent_runs(), **recurrent_runs()}.items()
+                 if name.startswith(tuple(prefix for prefix, _ in EXPRESSIVE.values())) and "-tf-" not in name})
+    sweep = {name: read_measurement(args, f"{name}-T1") for name in sweep_runs()}
+    for (prefix, fix), value in picked_values({f"{k}-T1": v for k, v in sweep.items() if v}).items():
+        decoder_flags = next(flags for p, flags in EXPRESSIVE.values() if p == prefix)
+        flag, tag, _ = FIXES[fix]
+        runs.update({f"{fix_prefix(prefix, tag, value)}-seed{seed}": [*CONDITIONINGS["concat"], *decoder_flags, flag,
+                                                                      f"{value:g}", "--seed", str(seed)]
+                     for seed in SEEDS[1:]})
+    return runs
+
+
+def fixes_rows(picks):
+    """(row label, run-name prefix) of README's table of fixes: per decoder, the three conditionings,
+    then concat with each fix at its picked value."""
+    rows = []
+    for decoder, (prefix, _) in EXPRESSIVE.items():
+        rows += [(f"{decoder}, {mode}", f"{prefix}{mode}") for mode in CONDITIONINGS]
+        rows += [(f"{decoder}, concat + {fix} {picks[prefix, fix]:g}", fix_prefix(prefix, tag, picks[prefix, fix]))
+                 for fix, (_, tag, _) in FIXES.items()]
+    return rows
+
+
+def fixes_pairs(picks):
+    """Each fix against Mix-and-Match and against the plain concat, with the same decoder."""
+    pairs = []
+    for prefix, _ in EXPRESSIVE.values():
+        for fix, (_, tag, _) in FIXES.items():
+            pairs += [(fix_prefix(prefix, tag, picks[prefix, fix]), f"{prefix}{mode}")
+                      for mode in ("mix-and-match", "concat")]
+    return pairs
+
+
 def grid_and_long_prefix(section):
     """The runs of a latent-use section, and the run-name prefix of those continued to LONG_EPOCHS."""
     return (latent_runs(), "ar-") if section == "latent-use" else (recurrent_runs(), RECURRENT[0])
 
 
-def training_runs(section):
+def training_runs(section, args):
     """{run name: (train.py flags, epochs, the run it continues or None)} for a section's trainings."""
+    if section == "fixes":
+        return {name: (flags, EPOCHS, None) for name, flags in fixes_runs(args).items()}
     if section in ("latent-use", "recurrent"):
         grid, prefix = grid_and_long_prefix(section)
         # the longest chains first (seed 0, then its continuation), so that two reproductions share the work
@@ -186,8 +269,10 @@ def training_runs(section):
     return {name: (flags, EPOCHS, None) for name, flags in runs.items()}
 
 
-def measurements(section):
+def measurements(section, args=None):
     """{measurement name: (run name, sample.py flags)} for a section's metrics runs."""
+    if section == "fixes":
+        return {f"{name}-T1": (name, []) for name in fixes_runs(args)}
     if section in ("latent-use", "recurrent"):
         grid, prefix = grid_and_long_prefix(section)
         todo = {f"{name}-T1": (name, []) for name in grid}
@@ -409,8 +494,48 @@ def latent_differences_table(metrics, pairs):
     return "\n".join(lines)
 
 
+# README's table of fixes: the latent in use, the fit, fidelity and coverage against real digits
+FIXES_KEYS = ("kl", "active_units", "diversity_z", "diversity", "iw_nll", "precision", "coverage")
+
+
+def methods_table(metrics, rows):
+    """One row per method (label, run-name prefix), one column per FIXES_KEYS measure, each as
+    mean ± sd over the seeds."""
+    names = next(iter(metrics.values()))["metrics"]
+    lines = [f"| method, mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
+             + " | ".join(markdown(names[key]["name"]) for key in FIXES_KEYS) + " |",
+             "|---|" + "---:|" * len(FIXES_KEYS)]
+    for label, prefix in rows:
+        lines.append(f"| {label} | " + " | ".join(mean_sd_cell(seed_values(metrics, prefix, key))
+                                                 for key in FIXES_KEYS) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(metrics):
+    """The fixes' seed-0 sweep: one row per decoder, fix and value, beside the plain concat's seed 0."""
+    names = next(iter(metrics.values()))["metrics"]
+    lines = ["| seed 0, concat | " + " | ".join(markdown(names[key]["name"]) for key in FIXES_KEYS) + " |",
+             "|---|" + "---:|" * len(FIXES_KEYS)]
+    for decoder, (prefix, _) in EXPRESSIVE.items():
+        rows = [(f"{decoder}, no fix", f"{prefix}concat")]
+        rows += [(f"{decoder}, {fix} {value:g}", fix_prefix(prefix, tag, value))
+                 for fix, (_, tag, values) in FIXES.items() for value in values]
+        for label, prefix_ in rows:
+            values = [metrics[f"{prefix_}-seed0-T1"]["metrics"][key]["model"] for key in FIXES_KEYS]
+            lines.append(f"| {label} | " + " | ".join(cell(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def cell(value):
+    return "n/a" if value is None else f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
+
+
 def run_label(prefix):
     """A run-name prefix as a table reads it: "rnn-tf-fixed" -> "recurrent always teacher-forced fixed"."""
+    for flag, tag, _ in FIXES.values():  # "ar-concat-fb0.25" -> "autoregressive concat --free-bits 0.25"
+        if f"-{tag}" in prefix:
+            run, value = prefix.rsplit(f"-{tag}", 1)
+            return f"{run_label(run)} {flag} {value}"
     for short, long in (("rnn-tf-", "recurrent always teacher-forced "), ("rnn-", "recurrent "),
                         ("ar-", "autoregressive ")):
         if prefix.startswith(short):
@@ -427,8 +552,7 @@ def long_table(metrics, prefix):
              "|---|" + "---:|" * len(columns)]
     for key in LATENT_KEYS:
         values = [metrics[name]["metrics"][key]["model"] for _, name in columns]
-        cells = ["n/a" if v is None else f"{v:d}" if isinstance(v, int) else f"{v:.3f}" for v in values]
-        lines.append(f"| {markdown(names[key]['name'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown(names[key]['name'])} | " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
 
 

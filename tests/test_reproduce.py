@@ -1,16 +1,21 @@
 """README's Results tables and frontier figure are built from the metric JSONs of
 `sample.py --metrics --json` alone (tests/reproduce_results.py): here from hand-made ones, with
 numbers whose means, spreads and crossings are known, and no training."""
+import argparse
+import json
 import math
 import re
 
 from PIL import Image
 
 from reproduce_results import (
+    FIXES_KEYS,
     LATENT_KEYS,
     MODES,
     differences_table,
     fidelity_key,
+    fixes_pairs,
+    fixes_rows,
     frontier_table,
     latent_columns,
     latent_differences_table,
@@ -18,11 +23,14 @@ from reproduce_results import (
     latent_table,
     long_table,
     measurements,
+    methods_table,
     on_curve,
+    picked_values,
     plot_frontier,
     recurrent_columns,
     recurrent_pairs,
     seed_table,
+    sweep_table,
 )
 
 NAMES = {"iw_nll": "IW NLL -log p(top | bottom), S=100 (nats)", "diversity": "diversity: mean distance",
@@ -147,3 +155,52 @@ def test_recurrent_tables_from_hand_made_runs():
     long = {line.split(" | ")[0]: line for line in long_table(latent_metrics(), "rnn-").splitlines()}
     assert long["| kl"] == "| kl | 1.000 | 0.500 | 3.000 | 1.500 | 3.000 | 1.500 |"
     assert long_table(latent_metrics(), "rnn-").startswith("| recurrent decoder, seed 0 | mix-and-match, epoch 50 |")
+
+
+def fix_measurement(name):
+    """A hand-made JSON of a run of section "fixes": diversity from z alone is 1 + the fix's value
+    for free bits, 2 - the value for history dropout (so the sweep picks 0.5 and 0.25), plus the
+    seed; KL is 5 + seed for the autoregressive decoder's concat with history dropout, else 1 + seed."""
+    seed = int(re.search(r"seed(\d)", name).group(1))
+    value = float(re.search(r"-(?:fb|hd)([\d.]+)-seed", name).group(1)) if re.search("-(fb|hd)", name) else 0.0
+    diversity_z = 1 + value if "-fb" in name else 2 - value if "-hd" in name else 1.0
+    kl = 5.0 if name.startswith("ar-concat-hd") else 1.0
+    values = {key: 1.0 for key in LATENT_KEYS}
+    values.update(kl=kl + seed, diversity_z=diversity_z + seed, active_units=3)
+    return {"metrics": {key: {"name": key.replace("_", " "), "model": value, "real_top": None}
+                        for key, value in values.items()}}
+
+
+def test_fixes_sweep_picks_the_most_diversity_from_z_then_trains_its_seeds(tmp_path):
+    args = argparse.Namespace(runs_dir=str(tmp_path))
+    sweep = [name for name in measurements("fixes", args) if re.search("-(fb|hd)", name)]
+    assert len(sweep) == 12 and all(name.endswith("-seed0-T1") for name in sweep)  # 2 decoders x 2 fixes x 3
+    assert "rnn-concat-seed1-T1" in measurements("fixes", args) and "rnn-tf-fixed-seed1-T1" not in \
+        measurements("fixes", args)
+    (tmp_path / "metrics").mkdir()
+    for name in sweep[:-1]:  # one sweep not measured yet: its seeds wait
+        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(fix_measurement(name)))
+    todo = measurements("fixes", args)
+    assert "ar-concat-fb0.5-seed1-T1" in todo and "ar-concat-hd0.25-seed2-T1" in todo
+    assert "rnn-concat-fb0.5-seed1-T1" in todo and not any(n.startswith("rnn-concat-hd") and "seed1" in n for n in todo)
+    assert todo["ar-concat-fb0.5-seed2-T1"] == ("ar-concat-fb0.5-seed2", [])
+    (tmp_path / "metrics" / f"{sweep[-1]}.json").write_text(json.dumps(fix_measurement(sweep[-1])))
+    made = {name: fix_measurement(name) for name in measurements("fixes", args)}
+    picks = picked_values(made)
+    assert picks == {("ar-", "free bits"): 0.5, ("ar-", "history dropout"): 0.25,
+                     ("rnn-", "free bits"): 0.5, ("rnn-", "history dropout"): 0.25}
+    lines = methods_table(made, fixes_rows(picks)).splitlines()
+    assert lines[0] == "| method, mean ± sd over seeds 0, 1, 2 | " + " | ".join(
+        key.replace("_", " ") for key in FIXES_KEYS) + " |"
+    # KL 5 + seed: mean 6, sd 1; diversity from z 2 - 0.25 + seed: mean 2.75
+    assert lines[2 + 4].startswith("| autoregressive, concat + history dropout 0.25 | 6.000 ± 1.000 | 3.000 ± 0.000 "
+                                   "| 2.750 ± 1.000 |")
+    assert len(lines) == 2 + 2 * 5
+    sweep_lines = sweep_table(made).splitlines()
+    assert "| recurrent, free bits 0.1 | 1.000 | 3 | 1.100 | 1.000 | 1.000 | 1.000 | 1.000 |" in sweep_lines
+    assert len(sweep_lines) == 2 + 2 * 7
+    lines = latent_differences_table(made, fixes_pairs(picks)).splitlines()
+    columns, rows = lines[0].split(" | "), {line.split(" | ")[0]: line.split(" | ") for line in lines}
+    # history dropout's KL 6 against concat's 2: +4, beyond twice the sd of 1
+    assert rows["| kl"][columns.index("autoregressive concat --history-dropout 0.25 − autoregressive concat")] \
+        == "+4.000 (2.000, yes)"
