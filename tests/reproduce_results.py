@@ -20,8 +20,9 @@ Section "recurrent" (the same README section, the paper's own regime):
 Section "fixes" (README, "Mix-and-Match or the usual fix?"):
 - the ordinary CVAE (concat) with each fix of FIXES, with each expressive decoder: a seed-0 sweep
   of the fix's values, then seeds 1 and 2 at the value the sweep picks (the most diversity from z
-  alone, what the fix is for), beside mix-and-match, fixed and concat with the same decoder
-  (the runs of "latent-use" and "recurrent", named alike so that they are trained once); at T = 1.
+  alone, what the fix is for), then mix-and-match with the better of the two fixes, seeds 0, 1
+  and 2; beside mix-and-match, fixed and concat with the same decoder (the runs of "latent-use"
+  and "recurrent", named alike so that they are trained once); each at T = 1.
 
 The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
 and a training that was interrupted resumes from its newest checkpoint, so the same command
@@ -99,7 +100,7 @@ def main():
 def reproduce(args):
     sections = [args.section] if args.section else SECTIONS
     t0 = time.time()
-    for _ in range(2 if "fixes" in sections else 1):  # the fixes' seeds 1 and 2 follow from their sweep
+    for _ in range(3 if "fixes" in sections else 1):  # the fixes' later runs follow from earlier ones
         trainings, measures = {}, {}
         for section in sections:
             trainings.update(training_runs(section, args))
@@ -131,9 +132,10 @@ def reproduce(args):
         write_latent_section(args, metrics, "latent-use", latent_columns(), latent_pairs())
     if "fixes" in sections:
         picks = picked_values(metrics)
+        better = better_fixes(metrics, picks)
         write_tables(os.path.join(args.runs_dir, "fixes.md"), [
-            methods_table(metrics, fixes_rows(picks)), sweep_table(metrics),
-            latent_differences_table(metrics, fixes_pairs(picks))])
+            methods_table(metrics, fixes_rows(picks, better)), sweep_table(metrics),
+            latent_differences_table(metrics, fixes_pairs(picks, better))])
     print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
 
 
@@ -188,18 +190,19 @@ def fix_prefix(prefix, tag, value, mode="concat"):
     return f"{prefix}{mode}-{tag}{value:g}"
 
 
-def sweep_runs():
-    """{run name: train.py flags} of the fixes' seed-0 sweep: decoder x fix x value, on concat."""
-    return {f"{fix_prefix(prefix, tag, value)}-seed0": [*CONDITIONINGS["concat"], *decoder_flags, flag, f"{value:g}",
-                                                         "--seed", "0"]
-            for prefix, decoder_flags in EXPRESSIVE.values() for flag, tag, values in FIXES.values()
-            for value in values}
+def fix_runs(prefix, fix, value, seeds, mode="concat"):
+    """{run name: train.py flags} of a conditioning with a fix at a value, with the decoder of prefix."""
+    decoder_flags = next(flags for p, flags in EXPRESSIVE.values() if p == prefix)
+    flag, tag, _ = FIXES[fix]
+    return {f"{fix_prefix(prefix, tag, value, mode)}-seed{seed}": [*CONDITIONINGS[mode], *decoder_flags, flag,
+                                                                   f"{value:g}", "--seed", str(seed)]
+            for seed in seeds}
 
 
 def picked_values(metrics):
-    """{(decoder's run-name prefix, fix): the value its sweep picks}, the one with the most diversity
-    from z alone (what the fix is for; the sweep's table shows what it costs), for each sweep whose
-    runs are all measured."""
+    """{(decoder's run-name prefix, fix): the value its seed-0 sweep picks}, the one with the most
+    diversity from z alone (what the fix is for; the sweep's table shows what it costs), for each
+    sweep whose runs are all measured."""
     picks = {}
     for prefix, _ in EXPRESSIVE.values():
         for fix, (_, tag, values) in FIXES.items():
@@ -209,40 +212,64 @@ def picked_values(metrics):
     return picks
 
 
+def better_fixes(metrics, picks):
+    """{decoder's run-name prefix: the fix whose concat runs, at its picked value, have the more
+    diversity from z alone over the seeds}, for each decoder whose fixes' seeds are all measured."""
+    better = {}
+    for prefix, _ in EXPRESSIVE.values():
+        names = {fix: [f"{fix_prefix(prefix, FIXES[fix][1], picks[prefix, fix])}-seed{seed}-T1" for seed in SEEDS]
+                 for fix in FIXES if (prefix, fix) in picks}
+        if len(names) == len(FIXES) and all(metrics.get(n) for runs in names.values() for n in runs):
+            better[prefix] = max(names, key=lambda fix: statistics.mean(
+                metrics[n]["metrics"]["diversity_z"]["model"] for n in names[fix]))
+    return better
+
+
 def fixes_runs(args):
-    """{run name: train.py flags} of section "fixes": the sweep, the plain runs of each expressive
-    decoder, and seeds 1 and 2 of each fix at its picked value once the sweep is measured."""
-    runs = sweep_runs()
+    """{run name: train.py flags} of section "fixes", each part once the one before is measured:
+    the sweep and the plain runs of each expressive decoder; seeds 1 and 2 of each fix at its
+    picked value; mix-and-match with the better fix, seeds 0, 1 and 2 (do they add up?)."""
+    runs = {f"{fix_prefix(prefix, FIXES[fix][1], value)}-seed0": flags for prefix, _ in EXPRESSIVE.values()
+            for fix, (_, _, values) in FIXES.items() for value in values
+            for flags in fix_runs(prefix, fix, value, [0]).values()}
     runs.update({name: flags for name, flags in {**latent_runs(), **recurrent_runs()}.items()
                  if name.startswith(tuple(prefix for prefix, _ in EXPRESSIVE.values())) and "-tf-" not in name})
-    sweep = {name: read_measurement(args, f"{name}-T1") for name in sweep_runs()}
-    for (prefix, fix), value in picked_values({f"{k}-T1": v for k, v in sweep.items() if v}).items():
-        decoder_flags = next(flags for p, flags in EXPRESSIVE.values() if p == prefix)
-        flag, tag, _ = FIXES[fix]
-        runs.update({f"{fix_prefix(prefix, tag, value)}-seed{seed}": [*CONDITIONINGS["concat"], *decoder_flags, flag,
-                                                                      f"{value:g}", "--seed", str(seed)]
-                     for seed in SEEDS[1:]})
+    picks = picked_values(measured(args, runs))
+    for (prefix, fix), value in picks.items():
+        runs.update(fix_runs(prefix, fix, value, SEEDS[1:]))
+    for prefix, fix in better_fixes(measured(args, runs), picks).items():
+        runs.update(fix_runs(prefix, fix, picks[prefix, fix], SEEDS, "mix-and-match"))
     return runs
 
 
-def fixes_rows(picks):
+def measured(args, runs):
+    """{measurement name: its JSON} of the runs measured at T = 1 so far."""
+    return {f"{name}-T1": m for name in runs if (m := read_measurement(args, f"{name}-T1")) is not None}
+
+
+def fixes_rows(picks, better):
     """(row label, run-name prefix) of README's table of fixes: per decoder, the three conditionings,
-    then concat with each fix at its picked value."""
+    concat with each fix at its picked value, and mix-and-match with the better fix."""
     rows = []
     for decoder, (prefix, _) in EXPRESSIVE.items():
         rows += [(f"{decoder}, {mode}", f"{prefix}{mode}") for mode in CONDITIONINGS]
-        rows += [(f"{decoder}, concat + {fix} {picks[prefix, fix]:g}", fix_prefix(prefix, tag, picks[prefix, fix]))
-                 for fix, (_, tag, _) in FIXES.items()]
+        rows += [(f"{decoder}, {mode} + {fix} {picks[prefix, fix]:g}",
+                  fix_prefix(prefix, FIXES[fix][1], picks[prefix, fix], mode))
+                 for fix, mode in [*((fix, "concat") for fix in FIXES), (better[prefix], "mix-and-match")]]
     return rows
 
 
-def fixes_pairs(picks):
-    """Each fix against Mix-and-Match and against the plain concat, with the same decoder."""
+def fixes_pairs(picks, better):
+    """Each fix against Mix-and-Match and against the plain concat; Mix-and-Match with the better
+    fix against Mix-and-Match and against concat with that fix; all with the same decoder."""
     pairs = []
     for prefix, _ in EXPRESSIVE.values():
         for fix, (_, tag, _) in FIXES.items():
             pairs += [(fix_prefix(prefix, tag, picks[prefix, fix]), f"{prefix}{mode}")
                       for mode in ("mix-and-match", "concat")]
+        fix, tag = better[prefix], FIXES[better[prefix]][1]
+        both = fix_prefix(prefix, tag, picks[prefix, fix], "mix-and-match")
+        pairs += [(both, f"{prefix}mix-and-match"), (both, fix_prefix(prefix, tag, picks[prefix, fix]))]
     return pairs
 
 

@@ -12,6 +12,7 @@ from reproduce_results import (
     FIXES_KEYS,
     LATENT_KEYS,
     MODES,
+    better_fixes,
     differences_table,
     fidelity_key,
     fixes_pairs,
@@ -159,11 +160,12 @@ def test_recurrent_tables_from_hand_made_runs():
 
 def fix_measurement(name):
     """A hand-made JSON of a run of section "fixes": diversity from z alone is 1 + the fix's value
-    for free bits, 2 - the value for history dropout (so the sweep picks 0.5 and 0.25), plus the
-    seed; KL is 5 + seed for the autoregressive decoder's concat with history dropout, else 1 + seed."""
+    for free bits, 2 - the value for history dropout (the sweeps pick 0.5 and 0.25: 1.5 against
+    1.75, so history dropout is the better fix), plus the seed; KL is 5 + seed for the
+    autoregressive decoder's concat with history dropout, else 1 + seed."""
     seed = int(re.search(r"seed(\d)", name).group(1))
-    value = float(re.search(r"-(?:fb|hd)([\d.]+)-seed", name).group(1)) if re.search("-(fb|hd)", name) else 0.0
-    diversity_z = 1 + value if "-fb" in name else 2 - value if "-hd" in name else 1.0
+    fix = re.search(r"-(fb|hd)([\d.]+)-seed", name)
+    diversity_z = 1.0 if not fix else 1 + float(fix[2]) if fix[1] == "fb" else 2 - float(fix[2])
     kl = 5.0 if name.startswith("ar-concat-hd") else 1.0
     values = {key: 1.0 for key in LATENT_KEYS}
     values.update(kl=kl + seed, diversity_z=diversity_z + seed, active_units=3)
@@ -171,36 +173,62 @@ def fix_measurement(name):
                         for key, value in values.items()}}
 
 
-def test_fixes_sweep_picks_the_most_diversity_from_z_then_trains_its_seeds(tmp_path):
-    args = argparse.Namespace(runs_dir=str(tmp_path))
-    sweep = [name for name in measurements("fixes", args) if re.search("-(fb|hd)", name)]
-    assert len(sweep) == 12 and all(name.endswith("-seed0-T1") for name in sweep)  # 2 decoders x 2 fixes x 3
-    assert "rnn-concat-seed1-T1" in measurements("fixes", args) and "rnn-tf-fixed-seed1-T1" not in \
-        measurements("fixes", args)
-    (tmp_path / "metrics").mkdir()
-    for name in sweep[:-1]:  # one sweep not measured yet: its seeds wait
+def measure_all(tmp_path, names):
+    for name in names:
         (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(fix_measurement(name)))
+
+
+def test_fixes_runs_follow_the_sweep_then_the_seeds_of_the_fixes(tmp_path):
+    args = argparse.Namespace(runs_dir=str(tmp_path))
+    (tmp_path / "metrics").mkdir()
     todo = measurements("fixes", args)
-    assert "ar-concat-fb0.5-seed1-T1" in todo and "ar-concat-hd0.25-seed2-T1" in todo
-    assert "rnn-concat-fb0.5-seed1-T1" in todo and not any(n.startswith("rnn-concat-hd") and "seed1" in n for n in todo)
+    sweep = [name for name in todo if re.search("-(fb|hd)", name)]
+    assert len(sweep) == 12 and all(name.endswith("-seed0-T1") for name in sweep)  # 2 decoders x 2 fixes x 3
+    assert "rnn-concat-seed1-T1" in todo and "ar-fixed-seed2-T1" in todo and "rnn-tf-fixed-seed1-T1" not in todo
+    measure_all(tmp_path, [name for name in todo if name != "rnn-concat-hd0.75-seed0-T1"])
+    todo = measurements("fixes", args)  # one sweep not measured yet: its seeds wait
+    assert {"ar-concat-fb0.5-seed1-T1", "ar-concat-hd0.25-seed2-T1", "rnn-concat-fb0.5-seed2-T1"} <= set(todo)
+    assert not any(name.startswith("rnn-concat-hd") and "seed1" in name for name in todo)
     assert todo["ar-concat-fb0.5-seed2-T1"] == ("ar-concat-fb0.5-seed2", [])
-    (tmp_path / "metrics" / f"{sweep[-1]}.json").write_text(json.dumps(fix_measurement(sweep[-1])))
+    assert not any("mix-and-match-" in name and re.search("-(fb|hd)", name) for name in todo)
+    measure_all(tmp_path, ["rnn-concat-hd0.75-seed0-T1", *todo])
+    todo = measurements("fixes", args)  # the autoregressive fixes' seeds measured: mix-and-match with the better
+    both = [name for name in todo if "mix-and-match-" in name and re.search("-(fb|hd)", name)]
+    assert sorted(both) == [f"ar-mix-and-match-hd0.25-seed{s}-T1" for s in (0, 1, 2)]
+    assert "rnn-concat-hd0.25-seed1-T1" in todo  # the recurrent sweep's last value was measured just now
+    measure_all(tmp_path, todo)
+    both = [name for name in measurements("fixes", args) if "mix-and-match-" in name and re.search("-(fb|hd)", name)]
+    assert sorted(both) == sorted(f"{d}-mix-and-match-hd0.25-seed{s}-T1" for d in ("ar", "rnn") for s in (0, 1, 2))
+    made = {name: fix_measurement(name) for name in measurements("fixes", args)}
+    assert len(made) == 12 + 18 + 8 + 6
+
+
+def test_fixes_tables_from_hand_made_runs(tmp_path):
+    args = argparse.Namespace(runs_dir=str(tmp_path))
+    (tmp_path / "metrics").mkdir()
+    for _ in range(3):  # the sweep, then the seeds, then mix-and-match with the better fix
+        measure_all(tmp_path, measurements("fixes", args))
     made = {name: fix_measurement(name) for name in measurements("fixes", args)}
     picks = picked_values(made)
     assert picks == {("ar-", "free bits"): 0.5, ("ar-", "history dropout"): 0.25,
                      ("rnn-", "free bits"): 0.5, ("rnn-", "history dropout"): 0.25}
-    lines = methods_table(made, fixes_rows(picks)).splitlines()
+    better = better_fixes(made, picks)
+    assert better == {"ar-": "history dropout", "rnn-": "history dropout"}
+    lines = methods_table(made, fixes_rows(picks, better)).splitlines()
     assert lines[0] == "| method, mean ± sd over seeds 0, 1, 2 | " + " | ".join(
         key.replace("_", " ") for key in FIXES_KEYS) + " |"
     # KL 5 + seed: mean 6, sd 1; diversity from z 2 - 0.25 + seed: mean 2.75
     assert lines[2 + 4].startswith("| autoregressive, concat + history dropout 0.25 | 6.000 ± 1.000 | 3.000 ± 0.000 "
                                    "| 2.750 ± 1.000 |")
-    assert len(lines) == 2 + 2 * 5
+    assert lines[2 + 5].startswith("| autoregressive, mix-and-match + history dropout 0.25 | 2.000 ± 1.000 |")
+    assert len(lines) == 2 + 2 * 6
     sweep_lines = sweep_table(made).splitlines()
     assert "| recurrent, free bits 0.1 | 1.000 | 3 | 1.100 | 1.000 | 1.000 | 1.000 | 1.000 |" in sweep_lines
     assert len(sweep_lines) == 2 + 2 * 7
-    lines = latent_differences_table(made, fixes_pairs(picks)).splitlines()
+    lines = latent_differences_table(made, fixes_pairs(picks, better)).splitlines()
     columns, rows = lines[0].split(" | "), {line.split(" | ")[0]: line.split(" | ") for line in lines}
     # history dropout's KL 6 against concat's 2: +4, beyond twice the sd of 1
     assert rows["| kl"][columns.index("autoregressive concat --history-dropout 0.25 − autoregressive concat")] \
         == "+4.000 (2.000, yes)"
+    assert rows["| kl"][columns.index("autoregressive mix-and-match --history-dropout 0.25 − autoregressive "
+                                      "concat --history-dropout 0.25")] == "-4.000 (2.000, yes)"
