@@ -685,7 +685,7 @@ CLASSIFIER_SEED = 0  # the digit classifier's initial weights and training draws
 
 
 def digit_classifier():
-    """A small CNN for the quality metrics, on flattened (B, 784) images; 99.22% on MNIST's test
+    """A small CNN for the quality metrics, on flattened (B, 784) images; 99.15% on MNIST's test
     set with the training below (README, Results)."""
     return nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)),
@@ -710,8 +710,8 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
     """The digit classifier cached at `path`, trained there on MNIST's training set on first use
     (about a minute on 2 CPU cores). The cache names the raw files it was trained on, so a
     classifier of other data (another --data-root) is never reused. It is made and trained under
-    its own seed: whichever checkpoint's metrics build the cache, and after whatever draws, the
-    classifier is the same (on one kind of CPU), and the metrics' own draws do not move."""
+    its own seed: whichever checkpoint's metrics build the cache, after whatever draws, the
+    classifier is the same (on one machine and thread count), and the caller's draws do not move."""
     def load(cached):  # into a new one: a cache of other layers fails part-way, and retraining starts afresh
         if cached.get("seed") != CLASSIFIER_SEED:  # older code drew the initial weights from the caller's RNG
             raise KeyError("seed")

@@ -100,11 +100,15 @@ def main():
 def reproduce(args):
     sections = [args.section] if args.section else SECTIONS
     t0 = time.time()
-    for _ in range(3 if "fixes" in sections else 1):  # the fixes' later runs follow from earlier ones
+    done_with = None
+    while True:  # until no run is added: the fixes' later runs follow from the measurements of earlier ones
         trainings, measures = {}, {}
         for section in sections:
             trainings.update(training_runs(section, args))
             measures.update(measurements(section, args))
+        if set(measures) == done_with:
+            break
+        done_with = set(measures)
         pending = [name for i, (name, (flags, epochs, start)) in enumerate(trainings.items(), 1)
                    if not train(args, name, flags, epochs, start, f"[{i}/{len(trainings)}]")]
         pending += [name for i, (name, (run_name, flags)) in enumerate(measures.items(), 1)
