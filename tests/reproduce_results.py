@@ -135,11 +135,7 @@ def reproduce(args):
     if "latent-use" in sections:
         write_latent_section(args, metrics, "latent-use", latent_columns(), latent_pairs())
     if "fixes" in sections:
-        picks = picked_values(metrics)
-        better = better_fixes(metrics, picks)
-        write_tables(os.path.join(args.runs_dir, "fixes.md"), [
-            methods_table(metrics, fixes_rows(picks, better)), sweep_table(metrics),
-            latent_differences_table(metrics, fixes_pairs(picks, better))])
+        write_tables(os.path.join(args.runs_dir, "fixes.md"), fixes_tables(metrics))
     print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
 
 
@@ -470,6 +466,8 @@ def differences_table(metrics):
 LATENT_KEYS = ("kl", "active_units", "diversity_z", "diversity_sampling", "diversity", "iw_nll", "neg_elbo",
                "best_of_k", "mm_best_of_k", "precision", "density", "coverage", "frechet", "confidence",
                "distinct_digits")
+# README's table of fixes: the latent in use, the fit, fidelity and coverage against real digits
+FIXES_KEYS = ("kl", "active_units", "diversity_z", "diversity", "iw_nll", "precision", "coverage", "frechet")
 
 
 def latent_columns():
@@ -512,21 +510,25 @@ def latent_table(metrics, columns):
     return "\n".join(lines)
 
 
-def latent_differences_table(metrics, pairs):
+def latent_differences_table(metrics, pairs, keys=LATENT_KEYS):
     """For each pair (a, b) of run-name prefixes: a − b (twice the larger seed sd, and ", yes" where
-    the difference is beyond it)."""
+    the difference is beyond it), for each measure of keys."""
     names = next(iter(metrics.values()))["metrics"]
     labels = [f"{run_label(a)} − {run_label(b)}" for a, b in pairs]
     lines = ["| metric: a − b (2 × sd) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(pairs)]
-    for key in LATENT_KEYS:
+    for key in keys:
         cells = ["n/a" if d is None else f"{d[0]:+.3f} ({d[1]:.3f}{', yes' * d[2]})"
                  for d in (difference(metrics, key, a, b) for a, b in pairs)]
         lines.append(f"| {markdown(names[key]['name'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-# README's table of fixes: the latent in use, the fit, fidelity and coverage against real digits
-FIXES_KEYS = ("kl", "active_units", "diversity_z", "diversity", "iw_nll", "precision", "coverage")
+def fixes_tables(metrics):
+    """README's tables of fixes: each method over the seeds, the seed-0 sweep, and the differences."""
+    picks = picked_values(metrics)
+    better = better_fixes(metrics, picks)
+    return [methods_table(metrics, fixes_rows(picks, better)), sweep_table(metrics),
+            latent_differences_table(metrics, fixes_pairs(picks, better), FIXES_KEYS)]
 
 
 def methods_table(metrics, rows):

@@ -15,8 +15,7 @@ from reproduce_results import (
     better_fixes,
     differences_table,
     fidelity_key,
-    fixes_pairs,
-    fixes_rows,
+    fixes_tables,
     frontier_table,
     latent_columns,
     latent_differences_table,
@@ -24,14 +23,12 @@ from reproduce_results import (
     latent_table,
     long_table,
     measurements,
-    methods_table,
     on_curve,
     picked_values,
     plot_frontier,
     recurrent_columns,
     recurrent_pairs,
     seed_table,
-    sweep_table,
 )
 
 NAMES = {"iw_nll": "IW NLL -log p(top | bottom), S=100 (nats)", "diversity": "diversity: mean distance",
@@ -214,7 +211,8 @@ def test_fixes_tables_from_hand_made_runs(tmp_path):
                      ("rnn-", "free bits"): 0.5, ("rnn-", "history dropout"): 0.25}
     better = better_fixes(made, picks)
     assert better == {"ar-": "history dropout", "rnn-": "history dropout"}
-    lines = methods_table(made, fixes_rows(picks, better)).splitlines()
+    methods, sweep, differences = fixes_tables(made)
+    lines = methods.splitlines()
     assert lines[0] == "| method, mean ± sd over seeds 0, 1, 2 | " + " | ".join(
         key.replace("_", " ") for key in FIXES_KEYS) + " |"
     # KL 5 + seed: mean 6, sd 1; diversity from z 2 - 0.25 + seed: mean 2.75
@@ -222,13 +220,14 @@ def test_fixes_tables_from_hand_made_runs(tmp_path):
                                    "| 2.750 ± 1.000 |")
     assert lines[2 + 5].startswith("| autoregressive, mix-and-match + history dropout 0.25 | 2.000 ± 1.000 |")
     assert len(lines) == 2 + 2 * 6
-    sweep_lines = sweep_table(made).splitlines()
-    assert "| recurrent, free bits 0.1 | 1.000 | 3 | 1.100 | 1.000 | 1.000 | 1.000 | 1.000 |" in sweep_lines
+    sweep_lines = sweep.splitlines()
+    assert "| recurrent, free bits 0.1 | 1.000 | 3 | 1.100 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in sweep_lines
     assert len(sweep_lines) == 2 + 2 * 7
-    lines = latent_differences_table(made, fixes_pairs(picks, better)).splitlines()
+    lines = differences.splitlines()
     columns, rows = lines[0].split(" | "), {line.split(" | ")[0]: line.split(" | ") for line in lines}
     # history dropout's KL 6 against concat's 2: +4, beyond twice the sd of 1
     assert rows["| kl"][columns.index("autoregressive concat --history-dropout 0.25 − autoregressive concat")] \
         == "+4.000 (2.000, yes)"
+    assert [line.split(" | ")[0] for line in lines[2:]] == [f"| {key.replace('_', ' ')}" for key in FIXES_KEYS]
     assert rows["| kl"][columns.index("autoregressive mix-and-match --history-dropout 0.25 − autoregressive "
                                       "concat --history-dropout 0.25")] == "-4.000 (2.000, yes)"
