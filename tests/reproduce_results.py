@@ -208,7 +208,7 @@ def picked_values(metrics):
         for fix, (_, tag, values) in FIXES.items():
             runs = [metrics.get(f"{fix_prefix(prefix, tag, value)}-seed0-T1") for value in values]
             if None not in runs:
-                picks[prefix, fix] = max(values, key=lambda v: runs[values.index(v)]["metrics"]["diversity_z"]["model"])
+                picks[prefix, fix] = max(zip(values, runs), key=lambda v: v[1]["metrics"]["diversity_z"]["model"])[0]
     return picks
 
 
@@ -229,9 +229,8 @@ def fixes_runs(args):
     """{run name: train.py flags} of section "fixes", each part once the one before is measured:
     the sweep and the plain runs of each expressive decoder; seeds 1 and 2 of each fix at its
     picked value; mix-and-match with the better fix, seeds 0, 1 and 2 (do they add up?)."""
-    runs = {f"{fix_prefix(prefix, FIXES[fix][1], value)}-seed0": flags for prefix, _ in EXPRESSIVE.values()
-            for fix, (_, _, values) in FIXES.items() for value in values
-            for flags in fix_runs(prefix, fix, value, [0]).values()}
+    runs = {name: flags for prefix, _ in EXPRESSIVE.values() for fix, (_, _, values) in FIXES.items()
+            for value in values for name, flags in fix_runs(prefix, fix, value, [0]).items()}
     runs.update({name: flags for name, flags in {**latent_runs(), **recurrent_runs()}.items()
                  if name.startswith(tuple(prefix for prefix, _ in EXPRESSIVE.values())) and "-tf-" not in name})
     picks = picked_values(measured(args, runs))
@@ -553,8 +552,8 @@ def sweep_table(metrics):
         rows = [(f"{decoder}, no fix", f"{prefix}concat")]
         rows += [(f"{decoder}, {fix} {value:g}", fix_prefix(prefix, tag, value))
                  for fix, (_, tag, values) in FIXES.items() for value in values]
-        for label, prefix_ in rows:
-            values = [metrics[f"{prefix_}-seed0-T1"]["metrics"][key]["model"] for key in FIXES_KEYS]
+        for label, run in rows:
+            values = [metrics[f"{run}-seed0-T1"]["metrics"][key]["model"] for key in FIXES_KEYS]
             lines.append(f"| {label} | " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
 
