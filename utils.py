@@ -715,7 +715,8 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
     def load(cached):  # into a new one: a cache of other layers fails part-way, and retraining starts afresh
         if cached.get("seed") != CLASSIFIER_SEED:  # older code drew the initial weights from the caller's RNG
             raise KeyError("seed")
-        loaded = digit_classifier().to(device)
+        with torch.random.fork_rng():  # its initial weights are overwritten: the caller's draws stay as they were
+            loaded = digit_classifier().to(device)
         loaded.load_state_dict(cached["model"])
         return loaded.eval()
     fingerprint = mnist_fingerprint(data_root)

@@ -263,6 +263,11 @@ def test_the_digit_classifier_is_the_same_whatever_was_drawn_before_it(tmp_path,
     assert torch.equal(torch.rand(3), expected)  # and the caller's draws do not move
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    torch.manual_seed(2)
+    cached = load_or_train_classifier(str(tmp_path / "b.pth"), mnist_root, "cpu", epochs=1)
+    assert torch.equal(torch.rand(3), expected)  # loaded from its cache, neither
+    for a, b in zip(first.state_dict().values(), cached.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
     cached = torch.load(tmp_path / "a.pth", weights_only=True)
     del cached["seed"]  # a cache the older code wrote
     torch.save(cached, tmp_path / "a.pth")
