@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic MNIST in the IDX layout torchvision reads (no real MNIST, no
-network), and a helper that runs our scripts as a user would."""
+network), and helpers that run our scripts as a user would."""
+import json
 import os
 import runpy
 import shutil
@@ -10,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST = 300, 120  # 300 = 128 + 128 + 44: the last partial batch is kept
@@ -96,3 +98,20 @@ def trained(user, tmp_path):
     """A one-epoch checkpoint, ck/mix_match_01.pth."""
     user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res", check=True)
     return tmp_path / "ck" / "mix_match_01.pth"
+
+
+def train_resume_and_measure(in_process, cwd, mnist_root, model_flags, epochs):
+    """train.py with model_flags straight to `epochs`, and to epochs - 1 then --resume'd to `epochs`
+    without them (they come from the checkpoint); then sample.py --metrics --json on the straight
+    run. Returns the resumed run's result, both final checkpoints, sample.py's result and metrics."""
+    common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", "results"]
+    for n, folder in [(epochs, "straight"), (epochs - 1, "first")]:
+        in_process("train.py", *common, *model_flags, "--epochs", n, "--checkpoint-dir", folder, cwd=cwd, check=True)
+    resumed_run = in_process("train.py", *common, "--epochs", epochs, "--checkpoint-dir", "resumed", "--resume",
+                             f"first/mix_match_{epochs - 1:02d}.pth", cwd=cwd, check=True)
+    straight, resumed = (torch.load(cwd / folder / f"mix_match_{epochs:02d}.pth", weights_only=True)
+                         for folder in ("straight", "resumed"))
+    result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
+                        f"straight/mix_match_{epochs:02d}.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
+                        "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=cwd, check=True)
+    return resumed_run, straight, resumed, result, json.loads((cwd / "m.json").read_text())["metrics"]

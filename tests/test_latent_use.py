@@ -1,12 +1,12 @@
 """The options that test the paper's claim (README, "Does Mix-and-Match keep the latent in use?"):
 the autoregressive decoder, the concatenating CVAE, and the diversity of completions by source."""
 import argparse
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import train_resume_and_measure
 from model import MixAndMatchCVAE, ModelConfig
 from sample import complete
 from train import TUTORIAL, resolve_run_flags
@@ -124,23 +124,6 @@ def test_diversity_by_source_holds_the_other_source_fixed():
     fixed = MixAndMatchCVAE(ModelConfig(hidden_dim=16, latent_dim=4, conditioning="fixed")).eval()
     same = split_image(complete(fixed, condition, 8, 4, z=one_z))[0]
     assert completion_distances(same, same[:, 0])[0].abs().max() < 1e-6  # the fixed split: 0 by construction
-
-
-def train_resume_and_measure(in_process, cwd, mnist_root, model_flags, epochs):
-    """train.py with model_flags straight to `epochs`, and to epochs - 1 then --resume'd to `epochs`
-    without them (they come from the checkpoint); then sample.py --metrics --json on the straight
-    run. Returns the resumed run's result, both final checkpoints, sample.py's result and metrics."""
-    common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", "results"]
-    for n, folder in [(epochs, "straight"), (epochs - 1, "first")]:
-        in_process("train.py", *common, *model_flags, "--epochs", n, "--checkpoint-dir", folder, cwd=cwd, check=True)
-    resumed_run = in_process("train.py", *common, "--epochs", epochs, "--checkpoint-dir", "resumed", "--resume",
-                             f"first/mix_match_{epochs - 1:02d}.pth", cwd=cwd, check=True)
-    straight, resumed = (torch.load(cwd / folder / f"mix_match_{epochs:02d}.pth", weights_only=True)
-                         for folder in ("straight", "resumed"))
-    result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
-                        f"straight/mix_match_{epochs:02d}.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
-                        "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=cwd, check=True)
-    return resumed_run, straight, resumed, result, json.loads((cwd / "m.json").read_text())["metrics"]
 
 
 def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, mnist_root, in_process):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import train_resume_and_measure
 from model import FRAME, MixAndMatchCVAE, ModelConfig, drop_history
-from test_latent_use import train_resume_and_measure
 from train import teacher_forcing_probability
 from utils import free_bits_kl, posterior_draws
 
