@@ -23,13 +23,17 @@ Section "fixes" (README, "Mix-and-Match or the usual fix?"):
   alone, what the fix is for), then mix-and-match with the better of the two fixes, seeds 0, 1
   and 2; beside mix-and-match, fixed and concat with the same decoder (the runs of "latent-use"
   and "recurrent", named alike so that they are trained once); each at T = 1.
+Section "mechanism" (README, "Does Mix-and-Match keep the latent in use?"):
+- with each expressive decoder, the Sampling redrawn on one side only (tests/one_side_random.py:
+  the decoder's, then the encoder's), seeds 0, 1 and 2, beside mix-and-match (both sides) and fixed
+  (neither), the runs of "latent-use" and "recurrent"; each at T = 1.
 
 The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
 and a training that was interrupted resumes from its newest checkpoint, so the same command
 continues an interrupted reproduction. Two of them may run at once (one per core, each with
 OMP_NUM_THREADS=1): a run one is training (its train.lock) is left to it, and the tables are
 written by the one that finds every run done. Writes results/reproduce/results.md, latent_use.md,
-recurrent.md and fixes.md (README's tables), samples/frontier.png, samples/kl_curves.png,
+recurrent.md, fixes.md and mechanism.md (README's tables), samples/frontier.png, samples/kl_curves.png,
 samples/kl_autoregressive.png, samples/kl_recurrent.png and the seed-0 completion grids
 samples/sampled*.png.
 """
@@ -50,6 +54,7 @@ sys.path.insert(0, REPO)
 
 import torch
 
+from one_side_random import SIDES
 from utils import mnist_dataset, plot_history, process_lock, save_figure
 
 MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
@@ -74,7 +79,7 @@ ALWAYS_FORCED = ("rnn-tf-", ["--decoder", "recurrent", "--teacher-forcing-epochs
 FIXES = {"free bits": ("--free-bits", "fb", (0.1, 0.25, 0.5)),
          "history dropout": ("--history-dropout", "hd", (0.25, 0.5, 0.75))}
 EXPRESSIVE = {"autoregressive": DECODERS["autoregressive"], "recurrent": RECURRENT}
-SECTIONS = ("recurrent", "fixes", "latent-use", "results")  # the longest chains of runs first
+SECTIONS = ("recurrent", "fixes", "mechanism", "latent-use", "results")  # the longest chains of runs first
 
 
 def main():
@@ -136,6 +141,8 @@ def reproduce(args):
         write_latent_section(args, metrics, "latent-use", latent_columns(), latent_pairs())
     if "fixes" in sections:
         write_tables(os.path.join(args.runs_dir, "fixes.md"), fixes_tables(metrics))
+    if "mechanism" in sections:
+        write_tables(os.path.join(args.runs_dir, "mechanism.md"), mechanism_tables(metrics))
     print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
 
 
@@ -241,6 +248,25 @@ def fixes_runs(args):
     return runs
 
 
+def mechanism_runs():
+    """{run name: train.py flags} of section "mechanism": with each expressive decoder, the Sampling
+    redrawn on one side only ("ar-random-decoder-seed0": tests/one_side_random.py trains it), and
+    mix-and-match and fixed, the runs of "latent-use" and "recurrent"."""
+    runs = {f"{prefix}random-{side}-seed{seed}": [*flags, "--seed", str(seed)]
+            for prefix, flags in EXPRESSIVE.values() for side in SIDES for seed in SEEDS}
+    runs.update({name: flags for name, flags in {**latent_runs(), **recurrent_runs()}.items()
+                 if name.startswith(tuple(f"{prefix}{mode}-" for prefix, _ in EXPRESSIVE.values()
+                                          for mode in ("mix-and-match", "fixed")))})
+    return runs
+
+
+def through(run_name, script):
+    """The script and its first flags for a run: a variant of section "mechanism" goes through
+    tests/one_side_random.py, for its training and its measurements alike."""
+    side = next((side for side in SIDES if f"random-{side}-" in run_name), None)
+    return (script,) if side is None else (os.path.join("tests", "one_side_random.py"), side, script)
+
+
 def measured(args, runs):
     """{measurement name: its JSON} of the runs measured at T = 1 so far."""
     return {f"{name}-T1": m for name in runs if (m := read_measurement(args, f"{name}-T1")) is not None}
@@ -281,6 +307,8 @@ def training_runs(section, args):
     """{run name: (train.py flags, epochs, the run it continues or None)} for a section's trainings."""
     if section == "fixes":
         return {name: (flags, EPOCHS, None) for name, flags in fixes_runs(args).items()}
+    if section == "mechanism":
+        return {name: (flags, EPOCHS, None) for name, flags in mechanism_runs().items()}
     if section in ("latent-use", "recurrent"):
         grid, prefix = grid_and_long_prefix(section)
         # the longest chains first (seed 0, then its continuation), so that two reproductions share the work
@@ -299,6 +327,8 @@ def measurements(section, args=None):
     """{measurement name: (run name, sample.py flags)} for a section's metrics runs."""
     if section == "fixes":
         return {f"{name}-T1": (name, []) for name in fixes_runs(args)}
+    if section == "mechanism":
+        return {f"{name}-T1": (name, []) for name in mechanism_runs()}
     if section in ("latent-use", "recurrent"):
         grid, prefix = grid_and_long_prefix(section)
         todo = {f"{name}-T1": (name, []) for name in grid}
@@ -340,9 +370,10 @@ def train(args, name, flags, epochs, start, progress):
                        key=lambda path: int(path.rsplit("_", 1)[1].removesuffix(".pth")))
             resume = done or (final_checkpoint(args, start) if start else None)
             run(f"{progress} training {name}" + (f", from {resume}" if resume else ""),
-                os.path.join(folder, "train.log"), "train.py", "--data-root", args.data_root, "--checkpoint-dir",
-                os.path.join(folder, "checkpoint"), "--results-dir", os.path.join(folder, "results"),
-                "--epochs", str(epochs), *flags, *(["--resume", resume] if resume else []))
+                os.path.join(folder, "train.log"), *through(name, "train.py"), "--data-root", args.data_root,
+                "--checkpoint-dir", os.path.join(folder, "checkpoint"), "--results-dir",
+                os.path.join(folder, "results"), "--epochs", str(epochs), *flags,
+                *(["--resume", resume] if resume else []))
     return mine
 
 
@@ -369,7 +400,8 @@ def measure(args, name, run_name, flags, progress):
         return False
     with claimed(os.path.join(folder, f"{name}.lock"), f"{progress} {name}") as mine:
         if mine:
-            run(f"{progress} measuring {name}", os.path.join(folder, f"{name}.log"), "sample.py", "--data-root",
+            run(f"{progress} measuring {name}", os.path.join(folder, f"{name}.log"), *through(run_name, "sample.py"),
+                "--data-root",
                 args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
                 "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"), *flags)
     return mine
@@ -467,6 +499,11 @@ LATENT_KEYS = ("kl", "active_units", "diversity_z", "diversity_sampling", "diver
                "distinct_digits")
 # README's table of fixes: the latent in use, the fit, fidelity and coverage against real digits
 FIXES_KEYS = ("kl", "active_units", "diversity_z", "diversity", "iw_nll", "precision", "coverage", "frechet")
+# section "mechanism": where the Sampling is redrawn (row label, run-name part), and what it changes
+MECHANISM_ROWS = (("redrawn on both sides (mix-and-match)", "mix-and-match"),
+                  *((f"redrawn on the {side} side only", f"random-{side}") for side in SIDES),
+                  ("redrawn on neither (fixed)", "fixed"))
+MECHANISM_KEYS = ("kl", "active_units", "diversity_z", "diversity_sampling", "iw_nll", "coverage", "frechet")
 
 
 def latent_columns():
@@ -530,17 +567,28 @@ def fixes_tables(metrics):
             latent_differences_table(metrics, fixes_pairs(picks, better), FIXES_KEYS)]
 
 
-def methods_table(metrics, rows):
-    """One row per method (label, run-name prefix), one column per FIXES_KEYS measure, each as
-    mean ± sd over the seeds."""
+def methods_table(metrics, rows, keys=FIXES_KEYS):
+    """One row per method (label, run-name prefix), one column per measure of keys, each as mean ±
+    sd over the seeds."""
     names = next(iter(metrics.values()))["metrics"]
     lines = [f"| method, mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
-             + " | ".join(markdown(names[key]["name"]) for key in FIXES_KEYS) + " |",
-             "|---|" + "---:|" * len(FIXES_KEYS)]
+             + " | ".join(markdown(names[key]["name"]) for key in keys) + " |", "|---|" + "---:|" * len(keys)]
     for label, prefix in rows:
         lines.append(f"| {label} | " + " | ".join(mean_sd_cell(seed_values(metrics, prefix, key))
-                                                 for key in FIXES_KEYS) + " |")
+                                                 for key in keys) + " |")
     return "\n".join(lines)
+
+
+def mechanism_tables(metrics):
+    """README's table of section "mechanism": per expressive decoder, the Sampling redrawn on both
+    sides (mix-and-match), the decoder's only, the encoder's only, and neither (fixed); and each
+    one-side variant against both ends."""
+    rows, pairs = [], []
+    for decoder, (prefix, _) in EXPRESSIVE.items():
+        rows += [(f"{decoder}, {label}", f"{prefix}{run}") for label, run in MECHANISM_ROWS]
+        pairs += [(f"{prefix}random-{side}", f"{prefix}{mode}") for side in SIDES
+                  for mode in ("mix-and-match", "fixed")]
+    return [methods_table(metrics, rows, MECHANISM_KEYS), latent_differences_table(metrics, pairs, MECHANISM_KEYS)]
 
 
 def sweep_table(metrics):

@@ -6,11 +6,15 @@ import json
 import math
 import re
 
+import torch
 from PIL import Image
 
+from model import MixAndMatchCVAE, ModelConfig
+from one_side_random import one_side_random
 from reproduce_results import (
     FIXES_KEYS,
     LATENT_KEYS,
+    MECHANISM_KEYS,
     MODES,
     better_fixes,
     differences_table,
@@ -23,12 +27,14 @@ from reproduce_results import (
     latent_table,
     long_table,
     measurements,
+    mechanism_tables,
     on_curve,
     picked_values,
     plot_frontier,
     recurrent_columns,
     recurrent_pairs,
     seed_table,
+    through,
 )
 
 NAMES = {"iw_nll": "IW NLL -log p(top | bottom), S=100 (nats)", "diversity": "diversity: mean distance",
@@ -231,3 +237,68 @@ def test_fixes_tables_from_hand_made_runs(tmp_path):
     assert [line.split(" | ")[0] for line in lines[2:]] == [f"| {key.replace('_', ' ')}" for key in FIXES_KEYS]
     assert rows["| kl"][columns.index("autoregressive mix-and-match --history-dropout 0.25 − autoregressive "
                                       "concat --history-dropout 0.25")] == "-4.000 (2.000, yes)"
+
+
+def test_one_side_random_gives_the_other_side_the_fixed_split():
+    torch.manual_seed(0)
+    model = MixAndMatchCVAE(ModelConfig(hidden_dim=32, latent_dim=8)).eval()
+    data, condition, z = torch.rand(4, 500), torch.rand(4, 284), torch.randn(4, 8)
+    condition_h = model.condition_encoder(condition)
+    drawn, fixed = torch.arange(16, 32), torch.arange(16)  # a drawn I, and the fixed split's
+
+    def sides(sampled):
+        return model.encode(data, condition_h, sampled)[0], model.decode(z, condition_h, sampled)
+
+    with torch.no_grad():
+        with one_side_random("decoder"):  # the decoder follows the drawn I, the encoder keeps the fixed one
+            (encoded, decoded), (encoded_fixed, decoded_fixed) = sides(drawn), sides(fixed)
+        assert torch.equal(encoded, encoded_fixed) and not torch.equal(decoded, decoded_fixed)
+        with one_side_random("encoder"):
+            (encoded, decoded), (encoded_fixed, decoded_fixed) = sides(drawn), sides(fixed)
+        assert not torch.equal(encoded, encoded_fixed) and torch.equal(decoded, decoded_fixed)
+        (encoded, decoded), (encoded_fixed, decoded_fixed) = sides(drawn), sides(fixed)  # and afterwards, both
+    assert not torch.equal(encoded, encoded_fixed) and not torch.equal(decoded, decoded_fixed)
+
+
+def test_one_side_random_trains_and_measures_through_train_and_sample(tmp_path, in_process, mnist_root):
+    common = ["--data-root", mnist_root, "--device", "cpu"]
+    for script, folder in [("tests/one_side_random.py", "encoder"), ("train.py", "plain")]:
+        side = ["encoder", "train.py"] if folder == "encoder" else []
+        in_process(script, *side, *common, "--epochs", 1, "--checkpoint-dir", folder, "--results-dir", "res",
+                   cwd=tmp_path, check=True)
+    variant, plain = (torch.load(tmp_path / folder / "mix_match_01.pth", weights_only=True)["model"]
+                      for folder in ("encoder", "plain"))
+    assert any(not torch.equal(variant[name], plain[name]) for name in plain)  # the same draws, trained otherwise
+    in_process("tests/one_side_random.py", "encoder", "sample.py", *common, "--checkpoint", "encoder/mix_match_01.pth",
+               "--metrics", "--n-eval", 20, "--n-samples", 4, "--n-importance", 4, "--json", "m.json", "--out", "g.png",
+               cwd=tmp_path, check=True)
+    measured = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert measured["diversity_sampling"]["model"] == 0  # its decoder always has the fixed split
+    assert measured["diversity_z"]["model"] > 0
+    refused = in_process("tests/one_side_random.py", "both", "train.py", cwd=tmp_path)
+    assert refused.returncode != 0 and "usage:" in refused.stderr
+
+
+def test_mechanism_runs_go_through_one_side_random_into_their_tables():
+    todo = measurements("mechanism")
+    assert len(todo) == 2 * 4 * 3  # 2 decoders x (2 one-side variants, mix-and-match, fixed) x 3 seeds
+    assert {"ar-random-decoder-seed2-T1", "rnn-random-encoder-seed0-T1", "rnn-fixed-seed1-T1"} <= set(todo)
+    assert through("rnn-random-encoder-seed0", "sample.py") == ("tests/one_side_random.py", "encoder", "sample.py")
+    assert through("rnn-mix-and-match-seed0", "train.py") == ("train.py",)
+    kl = {"mix-and-match": 1.0, "random-decoder": 2.0, "random-encoder": 5.0, "fixed": 6.0}
+    made = {}
+    for name in todo:
+        values = {key: 1.0 for key in MECHANISM_KEYS}
+        values["kl"] = kl[next(k for k in kl if f"-{k}-" in name)] + int(name[name.index("seed") + 4])
+        made[name] = {"metrics": {key: {"name": key.replace("_", " "), "model": value, "real_top": None}
+                                  for key, value in values.items()}}
+    methods, differences = mechanism_tables(made)
+    lines = methods.splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:6]] == [
+        "| autoregressive, redrawn on both sides (mix-and-match)", "| autoregressive, redrawn on the decoder side only",
+        "| autoregressive, redrawn on the encoder side only", "| autoregressive, redrawn on neither (fixed)"]
+    assert lines[3].split(" | ")[1] == "3.000 ± 1.000" and len(lines) == 2 + 8
+    lines = differences.splitlines()
+    columns, rows = lines[0].split(" | "), {line.split(" | ")[0]: line.split(" | ") for line in lines}
+    assert rows["| kl"][columns.index("recurrent random-decoder − recurrent mix-and-match")] == "+1.000 (2.000)"
+    assert rows["| kl"][columns.index("recurrent random-encoder − recurrent mix-and-match")] == "+4.000 (2.000, yes)"
