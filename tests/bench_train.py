@@ -30,6 +30,12 @@ Notes for whoever optimises this next (2 CPU cores; README, Speed, has the summa
   model's matmul FLOPs at the speed of a 2048 x 2048 matmul. The FLOP count is exact for the
   Linear layers (forward, weight and input gradients; the encoders' first layers take pixels and
   need no input gradient): 1.52 MFLOP per image, where the usual 3 x forward would say 1.85.
+- The recurrent decoder (2 cores of an AMD EPYC): nn.GRU on a CPU runs frame by frame through
+  autograd. A GRU written out as one autograd.Function (its backward by hand, each weight
+  gradient one matmul over the 18 frames; values and gradients within 1e-14 of nn.GRU's in
+  float64) was measured and dropped: alone, forward and backward took 8.0 ms a batch against
+  nn.GRU's 8.3; in the model's training step, interleaved, 17.4 ms against 14.8. The floor line
+  (its GRU free + the GRU's matmuls alone) says how far any implementation could go.
 - Outside the loop, per epoch, each timed alone beside a 1.67 s loop: evaluation 42 ms, the
   reconstruction grid 9 ms (RGB, before the grids became grayscale), the checkpoint 8 ms, the
   curves 180 ms (hence train.py's CURVES_EVERY_S). Evaluation and the
@@ -55,7 +61,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import train
-from model import MixAndMatchCVAE, ModelConfig
+from model import FRAME, MixAndMatchCVAE, ModelConfig
 from sample import completion_grid
 from train import anneal_weight, train_epoch
 from utils import get_device, kl_divergence, load_mnist, mnist_dataset, split_image
@@ -171,19 +177,52 @@ def decoder_seconds(images, device, epochs, batch_size, alpha):
     """{decoder: train.py's train_epoch seconds per epoch}, epochs interleaved across the decoders,
     the median after one warm-up. The recurrent decoder teacher-forced (one GRU call, its
     schedule's first epoch) and at a teacher-forcing probability of 0.5 (row by row, as every
-    later epoch of the schedule runs)."""
+    later epoch of the schedule runs); and, for the floor of a recurrent epoch, the same model with
+    its GRU free (FreeGRU) and the GRU's matmuls alone, an epoch's worth."""
     variants = {"mlp": ("mlp", 1.0), "autoregressive": ("autoregressive", 1.0),
-                "recurrent, teacher-forced": ("recurrent", 1.0), "recurrent, schedule at 0.5": ("recurrent", 0.5)}
+                "recurrent, teacher-forced": ("recurrent", 1.0), "recurrent, schedule at 0.5": ("recurrent", 0.5),
+                "recurrent, its GRU free": ("recurrent", 1.0)}
     models = {name: MixAndMatchCVAE(ModelConfig(decoder=decoder)).to(device) for name, (decoder, _) in variants.items()}
+    models["recurrent, its GRU free"].recurrent_decoder.gru = FreeGRU()
     optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-4, fused=True) for name, model in models.items()}
-    times = {name: [] for name in variants}
+    times = {name: [] for name in [*variants, "its GRU's matmuls alone"]}
     for epoch in range(epochs + 1):
         for name, (_, teacher_forcing) in variants.items():
             t = timed(device, train_epoch, models[name], optimizers[name], images, batch_size, alpha,
                       epoch * len(images) // batch_size, None, teacher_forcing)
             if epoch > 0:
                 times[name].append(t)
+        t = timed(device, gru_matmuls, device, len(images) // batch_size, batch_size, ModelConfig().hidden_dim)
+        if epoch > 0:
+            times["its GRU's matmuls alone"].append(t)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+class FreeGRU(torch.nn.Module):
+    """Stands in for the recurrent decoder's GRU at next to no cost, every state the initial one:
+    an epoch with it is what a recurrent epoch spends outside its GRU."""
+
+    def forward(self, inputs, state):
+        return state[0, :, None].expand(-1, inputs.shape[1], -1) * 1.0, state
+
+
+def gru_matmuls(device, batches, batch_size, hidden_dim, frames=18):
+    """The matmuls of the recurrent decoder's GRU over `batches` training steps, which no GRU
+    implementation can skip: forward, every frame's input part in one matmul and the hidden part
+    frame by frame; backward, the state's gradient frame by frame and each weight's gradient in one
+    matmul over all frames. With the epoch of FreeGRU, a floor for a recurrent epoch."""
+    h, gates = torch.randn(batch_size, hidden_dim, device=device), 3 * hidden_dim
+    weight_hh, bias = torch.randn(gates, hidden_dim, device=device), torch.randn(gates, device=device)
+    weight_ih, inputs = torch.randn(gates, FRAME, device=device), torch.rand(frames * batch_size, FRAME, device=device)
+    grad_gates = torch.randn(batch_size, gates, device=device)
+    all_grad_gates, states = (torch.randn(frames * batch_size, n, device=device) for n in (gates, hidden_dim))
+    for _ in range(batches):
+        torch.addmm(bias, inputs, weight_ih.t())
+        for _ in range(frames):
+            torch.addmm(bias, h, weight_hh.t())
+        for _ in range(frames):
+            torch.addmm(h, grad_gates, weight_hh)
+        all_grad_gates.t() @ states, all_grad_gates.t() @ inputs
 
 
 def main():
@@ -208,6 +247,9 @@ def main():
     print(f"train_epoch per decoder, median of {args.epochs} epochs after 1 warm-up, {torch.get_num_threads()} torch "
           f"threads:\n" + "\n".join(f"{name:<32} {seconds:8.2f} s/epoch  {seconds / decoders['mlp']:.2f}x the mlp's"
                                     for name, seconds in decoders.items()), flush=True)
+    floor = decoders["recurrent, its GRU free"] + decoders["its GRU's matmuls alone"]
+    print(f"{'recurrent floor (free + matmuls)':<32} {floor:8.2f} s/epoch  {floor / decoders['mlp']:.2f}x the mlp's",
+          flush=True)
     if args.decoders_only:
         return
     ours = MixAndMatchCVAE().to(device)
