@@ -34,6 +34,9 @@ def one_side_random(side):
     method = getattr(MixAndMatchCVAE, name)
 
     def with_fixed_split(self, x, condition_h, sampled_indices, *args, **kwargs):
+        if sampled_indices is None:
+            sys.exit("error: one_side_random.py varies Mix-and-Match: it needs --conditioning mix-and-match "
+                     "(concat draws no Sampling)")
         fixed = torch.arange(len(sampled_indices), device=sampled_indices.device)  # as conditioning "fixed"
         return method(self, x, condition_h, fixed, *args, **kwargs)
 

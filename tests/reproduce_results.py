@@ -2,7 +2,7 @@
 Reproduce README's Results (not a test): train every run, measure each with
 `sample.py --metrics --json`, then write the tables and the figures from those JSONs alone.
 
-    python3 tests/reproduce_results.py --data-root ../shared/data [--section results|latent-use]
+    python3 tests/reproduce_results.py --data-root ../shared/data [--section SECTION]
 
 Section "results" (README, Results):
 - Seeds: mix-and-match, fixed and mix-and-match --curriculum-step 1, seeds 0, 1 and 2, with the
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--runs-dir", default=os.path.join(REPO, "results", "reproduce"),
                         help="where the runs live (default: results/reproduce)")
     parser.add_argument("--section", choices=SECTIONS,
-                        help="reproduce one section of README only (default: both)")
+                        help="reproduce one section of README only (default: all of them)")
     args = parser.parse_args()
     for train in (True, False):  # a wrong --data-root ends here, not in the first of many trainings
         mnist_dataset(args.data_root, train)

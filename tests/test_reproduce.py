@@ -277,6 +277,10 @@ def test_one_side_random_trains_and_measures_through_train_and_sample(tmp_path, 
     assert measured["diversity_z"]["model"] > 0
     refused = in_process("tests/one_side_random.py", "both", "train.py", cwd=tmp_path)
     assert refused.returncode != 0 and "usage:" in refused.stderr
+    refused = in_process("tests/one_side_random.py", "decoder", "train.py", *common, "--conditioning", "concat",
+                         "--epochs", 1, "--checkpoint-dir", "concat", "--results-dir", "res", cwd=tmp_path)
+    assert refused.returncode == 1 and "needs --conditioning mix-and-match" in refused.stderr
+    assert not (tmp_path / "concat" / "mix_match_01.pth").exists()
 
 
 def test_mechanism_runs_go_through_one_side_random_into_their_tables():
