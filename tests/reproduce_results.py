@@ -33,9 +33,9 @@ and a training that was interrupted resumes from its newest checkpoint, so the s
 continues an interrupted reproduction. Two of them may run at once (one per core, each with
 OMP_NUM_THREADS=1): a run one is training (its train.lock) is left to it, and the tables are
 written by the one that finds every run done. Writes results/reproduce/results.md, latent_use.md,
-recurrent.md, fixes.md and mechanism.md (README's tables), samples/frontier.png, samples/kl_curves.png,
-samples/kl_autoregressive.png, samples/kl_recurrent.png and the seed-0 completion grids
-samples/sampled*.png.
+recurrent.md, fixes.md and mechanism.md (README's tables), samples/frontier.png,
+samples/kl_curves.png, samples/kl_autoregressive.png, samples/kl_recurrent.png and the seed-0
+completion grids samples/sampled*.png.
 """
 import argparse
 import contextlib
@@ -401,8 +401,7 @@ def measure(args, name, run_name, flags, progress):
     with claimed(os.path.join(folder, f"{name}.lock"), f"{progress} {name}") as mine:
         if mine:
             run(f"{progress} measuring {name}", os.path.join(folder, f"{name}.log"), *through(run_name, "sample.py"),
-                "--data-root",
-                args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
+                "--data-root", args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
                 "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"), *flags)
     return mine
 
