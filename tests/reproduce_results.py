@@ -192,6 +192,14 @@ def recurrent_runs():
     return runs
 
 
+def expressive_runs(modes):
+    """{run name: train.py flags} of the latent-use and recurrent runs (the recurrent with the
+    schedule) of the expressive decoders with these conditionings: the plain runs that sections
+    "fixes" and "mechanism" stand beside, named alike so that they are trained once."""
+    starts = tuple(f"{prefix}{mode}-" for prefix, _ in EXPRESSIVE.values() for mode in modes)
+    return {name: flags for name, flags in {**latent_runs(), **recurrent_runs()}.items() if name.startswith(starts)}
+
+
 def fix_prefix(prefix, tag, value, mode="concat"):
     """The run-name prefix of a decoder's conditioning with a fix: "ar-concat-fb0.25"."""
     return f"{prefix}{mode}-{tag}{value:g}"
@@ -238,8 +246,7 @@ def fixes_runs(args):
     picked value; mix-and-match with the better fix, seeds 0, 1 and 2 (do they add up?)."""
     runs = {name: flags for prefix, _ in EXPRESSIVE.values() for fix, (_, _, values) in FIXES.items()
             for value in values for name, flags in fix_runs(prefix, fix, value, [0]).items()}
-    runs.update({name: flags for name, flags in {**latent_runs(), **recurrent_runs()}.items()
-                 if name.startswith(tuple(prefix for prefix, _ in EXPRESSIVE.values())) and "-tf-" not in name})
+    runs.update(expressive_runs(CONDITIONINGS))
     picks = picked_values(measured(args, runs))
     for (prefix, fix), value in picks.items():
         runs.update(fix_runs(prefix, fix, value, SEEDS[1:]))
@@ -254,9 +261,7 @@ def mechanism_runs():
     mix-and-match and fixed, the runs of "latent-use" and "recurrent"."""
     runs = {f"{prefix}random-{side}-seed{seed}": [*flags, "--seed", str(seed)]
             for prefix, flags in EXPRESSIVE.values() for side in SIDES for seed in SEEDS}
-    runs.update({name: flags for name, flags in {**latent_runs(), **recurrent_runs()}.items()
-                 if name.startswith(tuple(f"{prefix}{mode}-" for prefix, _ in EXPRESSIVE.values()
-                                          for mode in ("mix-and-match", "fixed")))})
+    runs.update(expressive_runs(("mix-and-match", "fixed")))
     return runs
 
 
