@@ -152,9 +152,9 @@ def write_latent_section(args, metrics, section, columns, pairs):
     (samples/kl_<decoder>.png) and their seed-0 grids (samples/sampled_<prefix>_<mode>.png)."""
     prefix = grid_and_long_prefix(section)[1]
     decoder = run_label(prefix).strip()
-    write_tables(os.path.join(args.runs_dir, f"{section.replace('-', '_')}.md"), [latent_table(metrics, columns),
-                                                       latent_differences_table(metrics, pairs),
-                                                       long_table(metrics, prefix)])
+    write_tables(os.path.join(args.runs_dir, f"{section.replace('-', '_')}.md"),
+                 [latent_table(metrics, columns), latent_differences_table(metrics, pairs),
+                  long_table(metrics, prefix)])
     plot_history({f"{decoder}, {mode}": checkpoint_history(args, f"{prefix}{mode}-seed0-long", LONG_EPOCHS)
                   for mode in CONDITIONINGS}, os.path.join(REPO, "samples", f"kl_{decoder}.png"))
     copy_grids(args, {f"{prefix}{mode}": f"sampled_{prefix[:-1]}_{mode}.png" for mode in CONDITIONINGS})
