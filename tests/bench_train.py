@@ -35,8 +35,8 @@ Notes for whoever optimises this next (2 CPU cores; README, Speed, has the summa
   gradient one matmul over the 18 frames; values and gradients within 1e-14 of nn.GRU's in
   float64) was measured in one-off scripts and dropped: alone, forward and backward took 8.0 ms a
   batch against nn.GRU's 8.3; in the model's training step, interleaved, 17.4 ms against 14.8
-  (tanh alone of a 128 x 128 block: 21 us). The floor line
-  (its GRU free + the GRU's matmuls alone) says how far any implementation could go.
+  (tanh alone of a 128 x 128 block: 21 us). The floor line (its GRU free + the GRU's matmuls
+  alone) says how far any implementation could go.
 - Outside the loop, per epoch, each timed alone beside a 1.67 s loop: evaluation 42 ms, the
   reconstruction grid 9 ms (RGB, before the grids became grayscale), the checkpoint 8 ms, the
   curves 180 ms (hence train.py's CURVES_EVERY_S). Evaluation and the
