@@ -49,6 +49,8 @@ from utils import (
 CHECKPOINT_DIR = "checkpoint"
 # the metrics' caches (digit classifier, bottom neighbours): one per MNIST, shared by every checkpoint
 CACHE_FILES = ("digit_classifier.pth", "mnist_neighbours.pth")
+# the digit classifier this repository ships (utils.load_or_train_classifier), read where --cache-dir has none
+SHIPPED_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), CHECKPOINT_DIR, CACHE_FILES[0])
 # pseudo ground truths per test bottom for the conditional measures: the 10th nearest training
 # bottom is still a third of a random pair's distance away (median 1.87 against 5.63 on MNIST)
 # and barely farther than the nearest (1.39); beyond, the neighbours' digits agree less
@@ -102,7 +104,8 @@ def run(parser, args):
     if args.figure:
         check_output_file(args.figure, "--figure", figure_formats())
     classifier_path, neighbours_path = (os.path.join(args.cache_dir, name) for name in CACHE_FILES)
-    if args.metrics and not (os.path.isfile(classifier_path) and os.path.isfile(neighbours_path)):
+    cached = os.path.isfile(neighbours_path) and (os.path.isfile(classifier_path) or os.path.isfile(SHIPPED_CLASSIFIER))
+    if args.metrics and not cached:
         writable_dir(args.cache_dir, "--cache-dir")
     if args.metrics and args.n_samples < 2:
         parser.error("--metrics needs --n-samples >= 2 (diversity compares completions)")
@@ -147,7 +150,7 @@ def run(parser, args):
 
     if args.metrics:
         # one classifier, and one set of bottom neighbours, for every checkpoint, so that their scores compare
-        classifier = load_or_train_classifier(classifier_path, args.data_root, device)
+        classifier = load_or_train_classifier(classifier_path, args.data_root, device, shipped=SHIPPED_CLASSIFIER)
         train_images = load_mnist(args.data_root, train=True, device=device)[0]
         neighbours, threshold = load_or_find_neighbours(neighbours_path, args.data_root, test_images, train_images,
                                                         NEIGHBOURS)

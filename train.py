@@ -131,7 +131,7 @@ def main():
     # a second train.py writing into the same folder would interleave its checkpoints with this one's
     with process_lock(os.path.join(args.checkpoint_dir, "train.lock")) as holder:
         if holder:
-            raise SystemExit(f"error: another train.py (process {holder}) is writing checkpoints in "
+            raise SystemExit(f"error: another train.py ({holder}) is writing checkpoints in "
                              f"{args.checkpoint_dir!r}; wait for it to end, or pass another --checkpoint-dir")
         epoch, last_checkpoint = None, args.resume  # for the messages below
         try:

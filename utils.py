@@ -15,6 +15,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import struct
 import tempfile
 import threading
@@ -407,8 +408,10 @@ def signals_deferred():
 @contextlib.contextmanager
 def process_lock(path):
     """Yields None while this process holds the lock file `path` (made with O_EXCL, holding this
-    process's id, removed at the end, Ctrl-C included); else the id of the live process that holds
-    it. A lock left behind by a process that has ended (killed, crashed) is taken over."""
+    host's name and this process's id, removed at the end, Ctrl-C included); else a description of
+    the holder ("process 123 on host-a"). Several machines may share one folder (a cluster's job
+    array over one runs folder): a lock of another host is always held, since its process cannot be
+    seen from here; a lock of this host whose process has ended (killed, crashed) is taken over."""
     holder = None
     for _ in range(2):  # once more after removing a dead process's lock
         try:
@@ -421,33 +424,39 @@ def process_lock(path):
                 os.remove(path)
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{socket.gethostname()} {os.getpid()}")
         try:
             yield None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
         return
-    yield holder or "unknown"
+    yield holder or "an unknown process"
 
 
 def lock_holder(path):
-    """The id of the live process named in the lock file `path`, or None if that process has ended.
-    A lock being written (no id yet) counts as held."""
+    """Who holds the lock file `path` ("process 123 on host-a"), or None if it is this host's and
+    that process has ended. A lock being written (no id yet), or of another host, counts as held;
+    a lock of an older version holds a process id alone, of this host."""
     try:
         with open(path) as f:
-            text = f.read().strip()
+            words = f.read().split()
     except FileNotFoundError:
         return None
-    if not text.isdigit():
-        return "unknown"
+    if len(words) == 1:  # an older version's lock: a process id alone, written on this host
+        words = [socket.gethostname(), *words]
+    if len(words) != 2 or not words[1].isdigit():
+        return "an unknown process"
+    host, pid = words
+    if host != socket.gethostname():
+        return f"process {pid} on {host}"
     try:
-        os.kill(int(text), 0)  # signal 0: only asks whether the process exists
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return None
     except PermissionError:  # another user's process
         pass
-    return int(text)
+    return f"process {pid} on {host}"
 
 
 def newest_checkpoint(checkpoint_dir):
@@ -706,26 +715,30 @@ def random_shift(images, pixels=2):
     return F.grid_sample(images.view(n, 1, 28, 28), grid, align_corners=False).view(n, -1)
 
 
-def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
-    """The digit classifier cached at `path`, trained there on MNIST's training set on first use
-    (about a minute on 2 CPU cores). The cache names the raw files it was trained on, so a
+def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128, shipped=None):
+    """The digit classifier cached at `path`, trained there on MNIST's training set where it is
+    missing, broken or of other MNIST files (about a minute on 2 CPU cores); `shipped`, where given,
+    is read in its place while `path` holds none. The repository ships one
+    (checkpoint/digit_classifier.pth, as FID ships its Inception weights), so that every classifier
+    measure compares across machines. Its file names the raw files it was trained on, so a
     classifier of other data (another --data-root) is never reused. It is made and trained under
     its own seed: whichever checkpoint's metrics build the cache, after whatever draws, the
     classifier is the same (on one machine and thread count), and the caller's draws do not move."""
     def load(cached):  # into a new one: a cache of other layers fails part-way, and retraining starts afresh
         if cached.get("seed") != CLASSIFIER_SEED:  # older code drew the initial weights from the caller's RNG
             raise KeyError("seed")
-        with torch.random.fork_rng():  # its initial weights are overwritten: the caller's draws stay as they were
+        with torch.random.fork_rng(devices=forked_devices(device)):  # its initial weights are overwritten
             loaded = digit_classifier().to(device)
         loaded.load_state_dict(cached["model"])
         return loaded.eval()
+    read = shipped if shipped and not os.path.isfile(path) and os.path.isfile(shipped) else path
     fingerprint = mnist_fingerprint(data_root)
-    cached = load_cache(path, fingerprint, device, "retraining the digit classifier", load)
+    cached = load_cache(read, fingerprint, device, "retraining the digit classifier", load)
     if cached is not None:
         return cached
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
     train_images, train_labels = load_mnist(data_root, train=True, device=device)
-    with torch.random.fork_rng():  # the CPU's and the CUDA devices' generators
+    with torch.random.fork_rng(devices=forked_devices(device)):  # the CPU's generator and the device's
         torch.manual_seed(CLASSIFIER_SEED)
         classifier = digit_classifier().to(device)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
@@ -740,6 +753,14 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128):
             scheduler.step()
     atomic_save({"model": classifier.state_dict(), "mnist_sha256": fingerprint, "seed": CLASSIFIER_SEED}, path)
     return classifier.eval()
+
+
+def forked_devices(device):
+    """The CUDA devices whose generators work on `device` draws from, for fork_rng (which forks the
+    CPU's always, and by default every GPU's, with a warning where there are several)."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if device.index is None else device.index]
 
 
 def load_cache(path, fingerprint, device, redo, load):

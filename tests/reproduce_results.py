@@ -1,41 +1,35 @@
 """
-Reproduce README's Results (not a test): train every run, measure each with
-`sample.py --metrics --json`, then write the tables and the figures from those JSONs alone.
+Reproduce the report's numbers (samples/README.md; not a test): train every run, measure each with
+`sample.py --metrics --json`, keep one record of each in samples/records/, and write every table
+and figure of README and the report from those records alone.
 
-    python3 tests/reproduce_results.py --data-root ../shared/data [--section SECTION]
+    python3 tests/reproduce_results.py --data-root ../shared/data --jobs 2   # about 6 hours on 2 cores
+    python3 tests/reproduce_results.py --tables           # the tables and figures, in seconds, from the records
+    python3 tests/reproduce_results.py --verify RUN --data-root ../shared/data   # one run again, against its record
 
-Section "results" (README, Results):
-- Seeds: mix-and-match, fixed and mix-and-match --curriculum-step 1, seeds 0, 1 and 2, with the
-  tutorial's recipe; each measured at T = 1.
-- The frontier: each mode's seed-0 model at the temperatures TEMPERATURES; the default model at
-  test-time alphas TEST_ALPHAS; mix-and-match and fixed trained at TRAIN_ALPHAS (seed 0), at T = 1.
-Section "latent-use" (README, "Does Mix-and-Match keep the latent in use?"):
-- mix-and-match, fixed and concat, each with the MLP and the autoregressive decoder, seeds 0, 1
-  and 2 (the MLP's mix-and-match and fixed are the runs of "results"); the autoregressive seed-0
-  runs continued to LONG_EPOCHS; each measured at T = 1.
-Section "recurrent" (the same README section, the paper's own regime):
-- mix-and-match, fixed and concat with the recurrent decoder and train.py's schedule of teacher
-  forcing, seeds 0, 1 and 2, the seed-0 runs continued to LONG_EPOCHS; mix-and-match and fixed
-  also always teacher-forced, to tell what feeding back its own rows changes; each at T = 1.
-Section "fixes" (README, "Mix-and-Match or the usual fix?"):
-- the ordinary CVAE (concat) with each fix of FIXES, with each expressive decoder: a seed-0 sweep
-  of the fix's values, then seeds 1 and 2 at the value the sweep picks (the most diversity from z
-  alone, what the fix is for), then mix-and-match with the better of the two fixes, seeds 0, 1
-  and 2; beside mix-and-match, fixed and concat with the same decoder (the runs of "latent-use"
-  and "recurrent", named alike so that they are trained once); each at T = 1.
-Section "mechanism" (README, "Does Mix-and-Match keep the latent in use?"):
-- with each expressive decoder, the Sampling redrawn on one side only (tests/one_side_random.py:
-  the decoder's, then the encoder's), seeds 0, 1 and 2, beside mix-and-match (both sides) and fixed
-  (neither), the runs of "latent-use" and "recurrent"; each at T = 1.
+Section "results": mix-and-match, fixed and mix-and-match --curriculum-step 1, seeds 0, 1 and 2,
+with the tutorial's recipe; each seed-0 model at the temperatures TEMPERATURES, the default model
+at test-time alphas TEST_ALPHAS, both conditionings trained at TRAIN_ALPHAS (seed 0); the shipped
+checkpoint. Section "latent-use": mix-and-match, fixed and concat with the MLP and the
+autoregressive decoder, seeds 0-2, the autoregressive seed-0 runs continued to LONG_EPOCHS.
+Section "recurrent": the same with the recurrent decoder and train.py's schedule of teacher
+forcing, and mix-and-match and fixed always teacher-forced. Section "fixes": free bits and history
+dropout on concat with each expressive decoder, a seed-0 sweep, seeds 1 and 2 at the value it
+picks (the most diversity from z alone), then mix-and-match with the better fix. Section
+"mechanism": the Sampling redrawn on one side only (tests/one_side_random.py). Every run is
+measured at T = 1.
 
-The runs live under results/reproduce/ (ignored by git). A run whose output is there is skipped
-and a training that was interrupted resumes from its newest checkpoint, so the same command
-continues an interrupted reproduction. Two of them may run at once (one per core, each with
-OMP_NUM_THREADS=1): a run one is training (its train.lock) is left to it, and the tables are
-written by the one that finds every run done. Writes results/reproduce/results.md, latent_use.md,
-recurrent.md, fixes.md and mechanism.md (README's tables), samples/frontier.png,
-samples/kl_curves.png, samples/kl_autoregressive.png, samples/kl_recurrent.png and the seed-0
-completion grids samples/sampled*.png.
+A run is one training (or continuation) and its measurements; its record (samples/records/RUN.json)
+holds the flags, the commit of the code, torch's version, the CPU and thread count, the seconds
+it took to train (the sum of its epochs) and to measure, its per-epoch history, and each metrics
+JSON exactly as sample.py wrote it. A run that continues another (to LONG_EPOCHS) is trained right
+after it, by the same worker, so that no checkpoint a later step needs is lost between sessions;
+the checkpoints and logs live under results/reproduce/ (ignored by git), the records are
+committed. A recorded run is never trained again, and an interrupted training resumes from its
+newest checkpoint, so the same command continues an interrupted reproduction, on this machine or
+on another with the records. --jobs N starts N workers, each with --threads threads (the cores
+over N); machines sharing one runs folder may each run the same command: a lock per chain of runs
+names its host and process, and only a lock of this host whose process has ended is taken over.
 """
 import argparse
 import contextlib
@@ -43,10 +37,13 @@ import glob
 import itertools
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +52,7 @@ sys.path.insert(0, REPO)
 import torch
 
 from one_side_random import SIDES
-from utils import mnist_dataset, plot_history, process_lock, save_figure
+from utils import atomic_write, mnist_dataset, plot_history, process_lock, save_figure, save_json
 
 MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
 SEEDS = (0, 1, 2)
@@ -82,96 +79,358 @@ EXPRESSIVE = {"autoregressive": DECODERS["autoregressive"], "recurrent": RECURRE
 SECTIONS = ("recurrent", "fixes", "mechanism", "latent-use", "results")  # the longest chains of runs first
 
 
+RECORDS = os.path.join(REPO, "samples", "records")
+# sample.py flags added to every measurement: none, the report's measures (the tests' tiny runs: fewer)
+MEASURE_FLAGS = []
+# the seed-0 completion grids of the report, copied into samples/ as each is measured:
+# {measurement: file under samples/}
+GRIDS = {"shipped-T1": "sampled.png", "fixed-seed0-T1": "sampled_fixed.png",
+         "curriculum-seed0-T1": "sampled_curriculum.png",
+         **{f"{prefix}{mode}-seed0-T1": f"sampled_{prefix[:-1]}_{mode}.png" for prefix in ("ar-", "rnn-")
+            for mode in ("mix-and-match", "fixed", "concat")}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     parser.add_argument("--runs-dir", default=os.path.join(REPO, "results", "reproduce"),
-                        help="where the runs live (default: results/reproduce)")
-    parser.add_argument("--section", choices=SECTIONS,
-                        help="reproduce one section of README only (default: all of them)")
+                        help="where the runs' checkpoints and logs live (default: results/reproduce)")
+    parser.add_argument("--records-dir", default=RECORDS, help="where the records live (default: samples/records)")
+    parser.add_argument("--section", choices=SECTIONS, help="reproduce one section only (default: all of them)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="workers on this machine (default: 1)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="torch threads per worker (default: the cores over --jobs, at least 1)")
+    parser.add_argument("--verify", metavar="RUN",
+                        help="train and measure RUN again in a scratch folder, with its record's thread count, "
+                             "and compare with its record")
+    parser.add_argument("--tables", action="store_true",
+                        help="only write the tables and figures from the records (no MNIST, no training)")
+    parser.add_argument("--check", action="store_true",
+                        help="with --tables: write nothing, exit 1 naming each document whose tables differ")
     args = parser.parse_args()
-    for train in (True, False):  # a wrong --data-root ends here, not in the first of many trainings
-        mnist_dataset(args.data_root, train)
+    if args.check and not args.tables:
+        parser.error("--check compares the documents' tables: add --tables")
+    # the scripts run in the repository: paths given relative to where this command runs are made whole
+    args.data_root, args.runs_dir, args.records_dir = map(os.path.abspath, (args.data_root, args.runs_dir,
+                                                                            args.records_dir))
     try:
-        reproduce(args)
+        if args.tables:
+            sys.exit(write_documents(args.records_dir, check=args.check))
+        args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        records = read_records(args.records_dir)  # a broken record ends here, before any training
+        if args.verify and args.verify not in records:
+            sys.exit(f"error: no record of a run named {args.verify!r}; the runs recorded: "
+                     f"{', '.join(sorted(records)) or 'none yet'}")
+        for train in (True, False):  # a wrong --data-root ends here, not in the first of many trainings
+            mnist_dataset(args.data_root, train)
+        sys.exit(verify(args, records) if args.verify else reproduce(args))
     except KeyboardInterrupt:  # train.py and sample.py got the Ctrl-C too, and left their files whole
         sys.exit("interrupted: the runs and measurements finished so far are kept; run the same command again to "
                  "continue (an interrupted training resumes from its last checkpoint)")
-    except OSError as e:  # a full disk while writing a log or a table
+    except OSError as e:  # a full disk while writing a log, a record or a table
         sys.exit(f"error: {e.filename}: {e.strerror}. The finished runs are kept; free space, then run the same "
                  f"command again to continue.")
 
 
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def plan(args, sections):
+    """({run: (train.py flags, epochs, the run it continues or None)}, {measurement: (run, sample.py
+    flags)}) of the sections, as far as the measurements so far decide it (the fixes' later runs)."""
+    trainings, measures = {}, {}
+    for section in sections:
+        trainings.update(training_runs(section, args))
+        measures.update(measurements(section, args))
+    return trainings, measures
+
+
+def chains(trainings, measures):
+    """[[run, the runs that continue it, ...]]: a run trained from scratch (or the shipped one,
+    measured only) and its continuations, in the order of the plan (the longest chains first)."""
+    continued = {}
+    for name, (_, _, start) in trainings.items():
+        if start:
+            continued.setdefault(start, []).append(name)
+    bases = [name for name, (_, _, start) in trainings.items() if start is None]
+    bases += sorted({run for run, _ in measures.values()} - set(trainings))  # "shipped"
+    return [[base, *continued.get(base, [])] for base in bases]
+
+
 def reproduce(args):
+    """Train, measure and record every run of the sections with --jobs workers, then write the
+    documents' tables. Returns the exit code."""
     sections = [args.section] if args.section else SECTIONS
-    t0 = time.time()
-    done_with = None
-    while True:  # until no run is added: the fixes' later runs follow from the measurements of earlier ones
-        trainings, measures = {}, {}
-        for section in sections:
-            trainings.update(training_runs(section, args))
-            measures.update(measurements(section, args))
-        if set(measures) == done_with:
-            break
-        done_with = set(measures)
-        pending = [name for i, (name, (flags, epochs, start)) in enumerate(trainings.items(), 1)
-                   if not train(args, name, flags, epochs, start, f"[{i}/{len(trainings)}]")]
-        pending += [name for i, (name, (run_name, flags)) in enumerate(measures.items(), 1)
-                    if not measure(args, name, run_name, flags, f"[{i}/{len(measures)}]")]
-    # what the other reproduction was on may have ended meanwhile; then this one writes the tables
-    pending = [name for name in pending if not (read_measurement(args, name) is not None if name in measures else
-                                                os.path.isfile(final_checkpoint(args, name, trainings[name][1])))]
-    if pending:
-        sys.exit(f"another reproduction is working on {', '.join(pending)}: run this command again once it "
-                 f"has ended, to finish those and write the tables")
+    t0, guard, taken, busy, failures = time.time(), threading.Lock(), set(), [0], []
 
-    metrics = {name: read_measurement(args, name) for name in measures}
-    samples = os.path.join(REPO, "samples")
-    if "results" in sections:
-        write_tables(os.path.join(args.runs_dir, "results.md"),
-                     [seed_table(metrics), differences_table(metrics), frontier_table(metrics)])
-        plot_frontier(metrics, os.path.join(samples, "frontier.png"))
-        plot_history({mode: checkpoint_history(args, f"{mode}-seed0") for mode in MODES},
-                     os.path.join(samples, "kl_curves.png"))
-        copy_grids(args, {"mix-and-match": "sampled.png", "fixed": "sampled_fixed.png",
-                          "curriculum": "sampled_curriculum.png"})
-    if "recurrent" in sections:
-        write_latent_section(args, metrics, "recurrent", recurrent_columns(), recurrent_pairs())
-    if "latent-use" in sections:
-        write_latent_section(args, metrics, "latent-use", latent_columns(), latent_pairs())
-    if "fixes" in sections:
-        write_tables(os.path.join(args.runs_dir, "fixes.md"), fixes_tables(metrics))
-    if "mechanism" in sections:
-        write_tables(os.path.join(args.runs_dir, "mechanism.md"), mechanism_tables(metrics))
-    print(f"wrote under {args.runs_dir} and samples/ ({', '.join(sections)}); {(time.time() - t0) / 60:.1f} min")
+    def next_chain():
+        """The next chain no worker of this process has taken, planned again from the records and
+        measurements so far; None when there is none left for this process."""
+        while True:
+            with guard:
+                if failures:
+                    return None
+                trainings, measures = plan(args, sections)
+                left = [chain for chain in chains(trainings, measures) if chain[0] not in taken
+                        and not all(recorded(args, run) for run in chain)]
+                if left:
+                    taken.add(left[0][0])
+                    busy[0] += 1
+                    return left[0], trainings, measures
+                if not busy[0]:  # a running chain of this process may still add runs (the fixes' seeds)
+                    return None
+            time.sleep(5)
 
+    def worker():
+        while (job := next_chain()) is not None:
+            try:
+                do_chain(args, *job, t0)
+            except BaseException as e:  # noqa: BLE001 (a failed script's SystemExit, say): the other workers stop
+                failures.append(e)
+            finally:
+                with guard:
+                    busy[0] -= 1
 
-def write_latent_section(args, metrics, section, columns, pairs):
-    """A latent-use section's tables in <section>.md (every measure by column, the pairs'
-    differences, the long runs' decoder at EPOCHS and LONG_EPOCHS), the curves of those long runs
-    (samples/kl_<decoder>.png) and their seed-0 grids (samples/sampled_<prefix>_<mode>.png)."""
-    prefix = grid_and_long_prefix(section)[1]
-    decoder = run_label(prefix).strip()
-    write_tables(os.path.join(args.runs_dir, f"{section.replace('-', '_')}.md"),
-                 [latent_table(metrics, columns), latent_differences_table(metrics, pairs),
-                  long_table(metrics, prefix)])
-    plot_history({f"{decoder}, {mode}": checkpoint_history(args, f"{prefix}{mode}-seed0-long", LONG_EPOCHS)
-                  for mode in CONDITIONINGS}, os.path.join(REPO, "samples", f"kl_{decoder}.png"))
-    copy_grids(args, {f"{prefix}{mode}": f"sampled_{prefix[:-1]}_{mode}.png" for mode in CONDITIONINGS})
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(args.jobs)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        while thread.is_alive():
+            thread.join(1)  # in steps, so that Ctrl-C reaches this thread
+    if failures:
+        raise failures[0]
+    trainings, measures = plan(args, sections)
+    others = [chain[0] for chain in chains(trainings, measures) if not all(recorded(args, run) for run in chain)]
+    if others:  # taken by another process or machine, which writes the tables once it ends
+        print(f"another reproduction is working on {', '.join(others)}: run this command again once it has ended, "
+              f"to finish those and write the tables")
+        return 1
+    print(f"every run is recorded ({format_seconds(time.time() - t0)})")
+    return write_documents(args.records_dir)
 
 
-def write_tables(path, tables):
-    tables = "\n\n".join(tables)
-    with open(path, "w") as f:
-        f.write(tables + "\n")
-    print(tables)
+def do_chain(args, chain, trainings, measures, t0):
+    """Train, measure and record each run of a chain that is not recorded yet, holding the chain's
+    lock; a chain another process or machine holds is left to it."""
+    os.makedirs(args.runs_dir, exist_ok=True)
+    with process_lock(os.path.join(args.runs_dir, f"{chain[0]}.lock")) as holder:
+        if holder:
+            print(f"{chain[0]}: another reproduction ({holder}) is on it", flush=True)
+            return
+        for name in chain:
+            if recorded(args, name):
+                continue
+            if name in trainings:
+                ensure_trained(args, name, trainings)
+            own = {m: [*flags, *MEASURE_FLAGS] for m, (run, flags) in measures.items() if run == name}
+            for m, flags in own.items():
+                measure(args, m, name, flags)
+            write_record(args, name, trainings, own)
+            print(progress(args, trainings, measures, t0), flush=True)
 
 
-def copy_grids(args, grids):
-    """The T = 1 completion grid of each seed-0 run ({run prefix: file name}) into samples/."""
-    for prefix, grid in grids.items():
-        shutil.copyfile(os.path.join(args.runs_dir, "metrics", f"{prefix}-seed0-T1.png"),
-                        os.path.join(REPO, "samples", grid))
+def progress(args, trainings, measures, t0):
+    """'41/150 runs recorded, 1:02 so far, about 4:40 left': the time left from the records' seconds
+    (per epoch for each decoder, per measurement), over the workers."""
+    records = read_records(args.records_dir)
+    runs = [name for chain in chains(trainings, measures) for name in chain]
+    left = [name for name in runs if name not in records]
+    epoch_seconds, measure_seconds = {}, []
+    for record in records.values():
+        if record["train"]:
+            first = record["train"]["first_epoch"]
+            epoch_seconds.setdefault(record["config"]["decoder"], []).extend(
+                h["seconds"] for h in record["history"][first - 1:])
+        measure_seconds += [m["seconds"] for m in record["measurements"].values() if m["seconds"] is not None]
+    done = f"{len(runs) - len(left)}/{len(runs)} runs recorded, {format_seconds(time.time() - t0)} so far"
+    estimate = 0.0
+    for name in left:
+        if name in trainings:
+            _, epochs, start = trainings[name]
+            seconds = epoch_seconds.get(decoder_of(name, trainings))
+            if not seconds:  # no record of this decoder yet
+                return done
+            estimate += statistics.median(seconds) * (epochs - (trainings[start][1] if start else 0))
+        estimate += statistics.median(measure_seconds or [0]) * sum(run == name for run, _ in measures.values())
+    return f"{done}, about {format_seconds(estimate / args.jobs)} left"
+
+
+def decoder_of(name, trainings):
+    """The decoder of a planned run (a continuation's is the one of the run it continues)."""
+    flags, _, start = trainings[name]
+    if start:
+        return decoder_of(start, trainings)
+    return flags[flags.index("--decoder") + 1] if "--decoder" in flags else "mlp"
+
+
+def format_seconds(seconds):
+    return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}"
+
+
+# ----------------------------------------------------------------------------- documents
+
+# the documents whose tables are written from the records, between "<!-- table NAME -->" and
+# "<!-- /table -->" lines
+DOCUMENTS = ("README.md", os.path.join("samples", "README.md"))
+TABLE = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
+
+
+def tables():
+    """{table name: (its section, function(metrics, records) -> markdown)}."""
+    return {
+        "seeds": ("results", lambda m, r: seed_table(m)),
+        "seed-differences": ("results", lambda m, r: differences_table(m)),
+        "frontier": ("results", lambda m, r: frontier_table(m)),
+        "latent-use": ("latent-use", lambda m, r: latent_table(m, latent_columns())),
+        "latent-use-differences": ("latent-use", lambda m, r: latent_differences_table(m, latent_pairs())),
+        "latent-use-long": ("latent-use", lambda m, r: long_table(m, "ar-")),
+        "recurrent": ("recurrent", lambda m, r: latent_table(m, recurrent_columns())),
+        "recurrent-differences": ("recurrent", lambda m, r: latent_differences_table(m, recurrent_pairs())),
+        "recurrent-long": ("recurrent", lambda m, r: long_table(m, RECURRENT[0])),
+        **{f"fixes-{i}": ("fixes", lambda m, r, i=i: fixes_tables(m)[i]) for i in range(3)},
+        **{f"mechanism-{i}": ("mechanism", lambda m, r, i=i: mechanism_tables(m)[i]) for i in range(2)},
+    }
+
+
+def figures():
+    """{file under samples/: (its section, function(metrics, records, path))}."""
+    def curves(runs):
+        return lambda m, r, path: plot_history({label: r[run]["history"] for label, run in runs.items()}, path)
+    return {
+        "frontier.png": ("results", lambda m, r, path: plot_frontier(m, path)),
+        "kl_curves.png": ("results", curves({mode: f"{mode}-seed0" for mode in MODES})),
+        **{f"kl_{decoder}.png": (section, curves({f"{decoder}, {mode}": f"{prefix}{mode}-seed0-long"
+                                                  for mode in CONDITIONINGS}))
+           for section, decoder, prefix in (("latent-use", "autoregressive", "ar-"),
+                                            ("recurrent", "recurrent", RECURRENT[0]))},
+    }
+
+
+def write_documents(records_dir, check=False):
+    """Write every table of DOCUMENTS and every figure from the records alone; a table or figure of
+    a section whose measurements are not all recorded is written as pending, and its section named
+    in one line. With check, write nothing and return 1 if a document differs from what the records
+    give. Returns the exit code."""
+    records = read_records(records_dir)
+    metrics = recorded_measurements(records_dir)
+    scratch = argparse.Namespace(records_dir=records_dir)
+    missing = {section: [m for m in measurements(section, scratch) if m not in metrics] for section in SECTIONS}
+    for section, names in missing.items():
+        if names:
+            print(f"section {section}: {len(names)} measurements not recorded yet ({', '.join(names[:3])}"
+                  f"{', ...' if len(names) > 3 else ''}): its tables and figures are pending")
+    known, written, differing = tables(), {}, []
+    for document in DOCUMENTS:
+        with open(os.path.join(REPO, document)) as f:
+            text = f.read()
+        unknown = [name for _, name, _, _ in TABLE.findall(text) if name not in known]
+        if unknown:
+            sys.exit(f"error: {document} has a table marker of no table of this reproduction: {', '.join(unknown)}")
+
+        def table(match):
+            section, make = known[match[2]]
+            body = pending(section, missing[section]) if missing[section] else make(metrics, records)
+            return f"{match[1]}{body}\n{match[4]}"
+        written[document] = TABLE.sub(table, text)
+        if written[document] != text:
+            differing.append(document)
+    if check:
+        for document in differing:
+            print(f"{document}: its tables differ from what the records give; run "
+                  f"`python3 tests/reproduce_results.py --tables` and commit the result")
+        return 1 if differing else 0
+    for document in differing:
+        atomic_write(os.path.join(REPO, document), lambda f, text=written[document]: f.write(text.encode()))
+    for name, (section, draw) in figures().items():
+        if not missing[section]:
+            draw(metrics, records, os.path.join(REPO, "samples", name))
+    print(f"wrote the tables of {', '.join(DOCUMENTS)} and the figures of the complete sections under samples/")
+    return 0
+
+
+def pending(section, names):
+    return (f"*Pending: {len(names)} measurements of section {section} are not recorded yet; "
+            f"`python3 tests/reproduce_results.py --data-root DATA --section {section}` continues the reproduction.*")
+
+
+# ----------------------------------------------------------------------------- verify
+
+def verify(args, records):
+    """Train and measure one recorded run again in a scratch folder, with its record's thread
+    count, and compare: equal where this machine is of the record's kind (CPU model, instruction
+    set, torch); elsewhere each measure's difference beside twice its seed spread. Returns the exit
+    code: 0 where the run agrees, 1 naming the measures that do not."""
+    record = records[args.verify]
+    chain = [args.verify]
+    while records[chain[0]]["train"] and records[chain[0]]["train"]["continues"]:
+        chain.insert(0, records[chain[0]]["train"]["continues"])
+    trainings = {name: (records[name]["train"]["flags"], records[name]["train"]["epochs"],
+                        records[name]["train"]["continues"]) for name in chain if records[name]["train"]}
+    with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+        again = argparse.Namespace(**{**vars(args), "runs_dir": scratch, "records_dir": os.path.join(scratch, "r"),
+                                      "threads": record["threads"]})
+        if args.verify in trainings:
+            ensure_trained(again, args.verify, trainings)
+        own = {m: measurement["flags"] for m, measurement in record["measurements"].items()}
+        for m, flags in own.items():
+            measure(again, m, args.verify, flags)
+        write_record(again, args.verify, trainings, own)
+        new = read_records(again.records_dir)[args.verify]
+    return compare(record, new, records)
+
+
+def compare(record, new, records):
+    """Print the comparison of a run measured again (new) with its record; return the exit code."""
+    same_kind = all(record[key] == new[key] for key in ("cpu", "cpu_capability", "torch"))
+    where = ("this machine is of the record's kind" if same_kind else
+             f"the record's {record['cpu']} ({record['cpu_capability']}, torch {record['torch']}) against this "
+             f"{new['cpu']} ({new['cpu_capability']}, torch {new['torch']})")
+    print(f"{record['run']}: {where}, {record['threads']} thread(s)")
+    history = [key for old, now in zip(record["history"], new["history"]) for key in old
+               if key != "seconds" and old[key] != now.get(key)]
+    failing = []
+    if same_kind and (history or len(record["history"]) != len(new["history"])):
+        failing.append("history")
+    spread = seed_spreads(record["run"], records)
+    print(f"{'measure':<40} {'record':>10} {'now':>10} {'difference':>11} {'2 x seed sd':>12}")
+    for m, measurement in record["measurements"].items():
+        for key, value in measurement["metrics"]["metrics"].items():
+            old, now = value["model"], new["measurements"][m]["metrics"]["metrics"][key]["model"]
+            if old is None or now is None:
+                agree, difference, limit = old is now, None, None
+            else:
+                difference, limit = now - old, spread.get(key)
+                agree = now == old if same_kind else limit is not None and abs(difference) <= limit
+            print(f"{m + ' ' + key:<40} {cell(old):>10} {cell(now):>10} "
+                  f"{'' if difference is None else f'{difference:+.4f}':>11} "
+                  f"{'' if same_kind or limit is None else f'{limit:.4f}':>12}{'' if agree else '  differs'}")
+            if not agree:
+                failing.append(f"{m} {key}")
+    if failing:
+        print(f"{record['run']} does not agree with its record: {', '.join(failing)}")
+        return 1
+    print(f"{record['run']} agrees with its record" + (" bit for bit" if same_kind else
+                                                       ", every measure within twice its seed spread"))
+    return 0
+
+
+def seed_spreads(run, records):
+    """{measure: twice the sd over seeds 0-2 at T = 1} of the run's family: its seeds (a 200-epoch
+    run: those of its 50 epochs), or the tutorial's seeds of its conditioning for the runs that have
+    none (trained alphas, the shipped model)."""
+    family = re.sub(r"-seed\d+", "-seed{}", run.removesuffix("-long"))
+    if "{}" not in family:
+        family = next((f"{mode}-seed{{}}" for mode in MODES if run.startswith(mode)), "mix-and-match-seed{}")
+    seeds = [records.get(family.format(seed), {}).get("measurements", {}).get(f"{family.format(seed)}-T1")
+             for seed in SEEDS]
+    if None in seeds:
+        return {}
+    values = {key: [seed["metrics"]["metrics"][key]["model"] for seed in seeds]
+              for key in seeds[0]["metrics"]["metrics"]}
+    return {key: 2 * statistics.stdev(v) for key, v in values.items() if None not in v}
 
 
 def latent_runs():
@@ -265,16 +524,16 @@ def mechanism_runs():
     return runs
 
 
-def through(run_name, script):
-    """The script and its first flags for a run: a variant of section "mechanism" goes through
-    tests/one_side_random.py, for its training and its measurements alike."""
-    side = next((side for side in SIDES if f"random-{side}-" in run_name), None)
-    return (script,) if side is None else (os.path.join("tests", "one_side_random.py"), side, script)
-
-
 def measured(args, runs):
-    """{measurement name: its JSON} of the runs measured at T = 1 so far."""
-    return {f"{name}-T1": m for name in runs if (m := read_measurement(args, f"{name}-T1")) is not None}
+    """{measurement name: its JSON} of the runs recorded with their measurement at T = 1."""
+    return {name: m for name, m in recorded_measurements(args.records_dir).items()
+            if name.endswith("-T1") and name.removesuffix("-T1") in runs}
+
+
+def recorded_measurements(records_dir):
+    """{measurement name: the metrics JSON sample.py wrote} of every record."""
+    return {name: m["metrics"] for record in read_records(records_dir).values()
+            for name, m in record["measurements"].items()}
 
 
 def fixes_rows(picks, better):
@@ -358,88 +617,170 @@ def final_checkpoint(args, run, epochs=None):
     return os.path.join(args.runs_dir, run, "checkpoint", f"mix_match_{epochs:02d}.pth")
 
 
-def train(args, name, flags, epochs, start, progress):
-    """Train one run to `epochs`; a run that continues another (`start`) begins from that run's last
-    checkpoint, in a folder of its own so that the shorter run stays as it was. Returns whether the
-    run is done (False: another reproduction is training it, or the run it continues)."""
+def ensure_trained(args, name, trainings):
+    """Train one run to its epochs, unless its final checkpoint is there; a run that continues
+    another begins from that run's final checkpoint (trained again first where it is gone: a later
+    session on another machine, say), in a folder of its own so that the shorter run stays as it was."""
+    flags, epochs, start = trainings[name]
     if os.path.isfile(final_checkpoint(args, name, epochs)):
-        return True
-    if start and not os.path.isfile(final_checkpoint(args, start)):
-        print(f"{progress} {name}: waits for {start}, which another reproduction is training")
-        return False
+        return
+    if start:
+        ensure_trained(args, start, trainings)
     folder = os.path.join(args.runs_dir, name)
-    with claimed(os.path.join(folder, "train.lock"), f"{progress} {name}") as mine:
-        if mine:
-            # an interrupted reproduction continues the run from its newest epoch (by number: 187 after 99)
-            done = max(glob.glob(os.path.join(folder, "checkpoint", "mix_match_*.pth")), default=None,
-                       key=lambda path: int(path.rsplit("_", 1)[1].removesuffix(".pth")))
-            resume = done or (final_checkpoint(args, start) if start else None)
-            run(f"{progress} training {name}" + (f", from {resume}" if resume else ""),
-                os.path.join(folder, "train.log"), *through(name, "train.py"), "--data-root", args.data_root,
-                "--checkpoint-dir", os.path.join(folder, "checkpoint"), "--results-dir",
-                os.path.join(folder, "results"), "--epochs", str(epochs), *flags,
-                *(["--resume", resume] if resume else []))
-    return mine
+    # an interrupted reproduction continues the run from its newest epoch (by number: 187 after 99)
+    done = max(glob.glob(os.path.join(folder, "checkpoint", "mix_match_*.pth")), default=None,
+               key=lambda path: int(path.rsplit("_", 1)[1].removesuffix(".pth")))
+    resume = done or (final_checkpoint(args, start, trainings[start][1]) if start else None)
+    run(args, f"training {name}" + (f", from {resume}" if resume else ""), os.path.join(folder, "train.log"),
+        *through(name, "train.py"), "--data-root", args.data_root, "--checkpoint-dir",
+        os.path.join(folder, "checkpoint"), "--results-dir", os.path.join(folder, "results"), "--epochs", str(epochs),
+        *flags, *(["--resume", resume] if resume else []))
 
 
-def read_measurement(args, name):
+def measure(args, name, run_name, flags):
+    """Measure one run (unless its JSON is there and whole), its seconds beside the JSON; a grid of
+    GRIDS is copied into samples/ at once, while its checkpoint is on disk."""
+    folder = os.path.join(args.runs_dir, "metrics")
+    if read_json(os.path.join(folder, f"{name}.json")) is None:
+        if os.path.isfile(os.path.join(folder, f"{name}.json")):
+            print(f"{name}: its JSON is broken (not sample.py's metrics); measuring it again")
+        seconds = run(args, f"measuring {name}", os.path.join(folder, f"{name}.log"), *through(run_name, "sample.py"),
+                      "--data-root", args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
+                      "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"),
+                      *flags)
+        save_json(seconds, os.path.join(folder, f"{name}.seconds.json"))
+    if name in GRIDS and args.records_dir == RECORDS:  # a scratch reproduction (--verify, the tests) leaves them
+        shutil.copyfile(os.path.join(folder, f"{name}.png"), os.path.join(REPO, "samples", GRIDS[name]))
+
+
+def read_json(path):
     """The measurement's JSON as sample.py wrote it, or None if it is missing or was left broken
     (cut short, edited by another tool)."""
     try:
-        with open(os.path.join(args.runs_dir, "metrics", f"{name}.json")) as f:
+        with open(path) as f:
             measurement = json.load(f)
     except (OSError, ValueError):
         return None
+    return metrics_json(measurement)
+
+
+def metrics_json(measurement):
+    """The measurement if it is a metrics JSON of sample.py's (a dict with its "metrics"), else None."""
     return measurement if isinstance(measurement, dict) and isinstance(measurement.get("metrics"), dict) else None
 
 
-def measure(args, name, run_name, flags, progress):
-    """Measure one run; returns whether the measurement is done (False: its run is not, or another
-    reproduction is measuring it). A JSON there that is broken is measured again."""
-    folder = os.path.join(args.runs_dir, "metrics")
-    if read_measurement(args, name) is not None:
-        return True
-    if os.path.isfile(os.path.join(folder, f"{name}.json")):
-        print(f"{progress} {name}: its JSON is broken (not sample.py's metrics); measuring it again")
-    if not os.path.isfile(final_checkpoint(args, run_name)):
-        return False
-    with claimed(os.path.join(folder, f"{name}.lock"), f"{progress} {name}") as mine:
-        if mine:
-            run(f"{progress} measuring {name}", os.path.join(folder, f"{name}.log"), *through(run_name, "sample.py"),
-                "--data-root", args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
-                "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"), *flags)
-    return mine
-
-
-@contextlib.contextmanager
-def claimed(lock, what):
-    """Yields True while this process holds `lock`, False if another live reproduction holds it (a
-    lock left by one that was killed is taken over)."""
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    with process_lock(lock) as holder:
-        if holder:
-            print(f"{what}: another reproduction (process {holder}) is on it")
-        yield not holder
-
-
-def run(what, log, script, *script_args):
-    """One script, its output in `log`; a failure stops the reproduction with its last lines."""
+def run(args, what, log, script, *script_args):
+    """One script with --threads torch threads, its output in `log`; returns its seconds. A failure
+    stops the reproduction with its last lines."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()
-    print(what, end="", flush=True)
+    print(what, flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with open(log, "w") as f:
-        result = subprocess.run([sys.executable, os.path.join(REPO, script), *script_args], cwd=REPO,
+        result = subprocess.run([sys.executable, os.path.join(REPO, script), *script_args], cwd=REPO, env=env,
                                 stdout=f, stderr=subprocess.STDOUT, check=False)
-    print(f": {time.time() - t0:.0f} s", flush=True)
+    seconds = time.time() - t0
+    print(f"{what}: {seconds:.0f} s", flush=True)
     if result.returncode != 0:
         with open(log) as f:
             tail = f.read()[-2000:]
         sys.exit(f"{tail}\nerror: {script} failed (exit {result.returncode}), its log: {log}. "
                  f"Fix the cause and run this command again: it continues where it stopped.")
+    return seconds
 
 
-def checkpoint_history(args, run, epochs=EPOCHS):
-    return torch.load(final_checkpoint(args, run, epochs), weights_only=True)["history"]
+# ----------------------------------------------------------------------------- records
+
+RECORD_KEYS = ("run", "train", "config", "history", "measurements", "commit", "torch", "cpu", "cpu_capability",
+               "threads")
+
+
+def write_record(args, name, trainings, own):
+    """samples/records/NAME.json, from the run's final checkpoint and its measurements' JSONs."""
+    training = trainings.get(name)
+    checkpoint = torch.load(final_checkpoint(args, name, training and training[1]), map_location="cpu",
+                            weights_only=True)
+    start = training and training[2]
+    first_epoch = trainings[start][1] + 1 if start else 1  # a continuation trains the epochs after its start's
+    folder = os.path.join(args.runs_dir, "metrics")
+    record = {
+        "run": name,
+        # None for the shipped checkpoint, trained before the records (README, "The shipped model")
+        "train": training and {"script": through(name, "train.py"), "flags": training[0], "epochs": training[1],
+                               "continues": start, "first_epoch": first_epoch,
+                               "seconds": sum(h["seconds"] for h in checkpoint["history"][first_epoch - 1:])},
+        "config": checkpoint["config"],
+        "history": checkpoint.get("history", []),
+        "measurements": {m: {"flags": flags,
+                             "seconds": read_seconds(os.path.join(folder, f"{m}.seconds.json")),
+                             "metrics": read_json(os.path.join(folder, f"{m}.json"))} for m, flags in own.items()},
+        **environment(args.threads),
+    }
+    save_json(record, os.path.join(args.records_dir, f"{name}.json"), indent=1)
+
+
+def read_seconds(path):
+    with contextlib.suppress(OSError, ValueError, TypeError), open(path) as f:
+        return float(json.load(f))
+    return None
+
+
+def environment(threads):
+    """What a record says it ran on: the commit of the code (with "+uncommitted" where tracked
+    Python files differ from it), torch, the CPU model and its instruction set, the threads."""
+    def git(*words):
+        result = subprocess.run(["git", "-C", REPO, *words], capture_output=True, text=True, check=False)
+        return result.stdout.strip() if result.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "*.py"):
+        commit += "+uncommitted"
+    return {"commit": commit, "torch": torch.__version__, "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads}
+
+
+def cpu_model():
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def read_records(folder):
+    """{run: record} of every record in the folder; a broken one (cut short, edited, another
+    layout) ends the command in one line naming it, before anything is written."""
+    records = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: the record {path} cannot be read ({type(e).__name__}): restore it with git checkout, "
+                     f"or delete it to train and measure that run again")
+        missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+        broken = missing or record["run"] != os.path.basename(path).removesuffix(".json") or any(
+            not isinstance(m, dict) or metrics_json(m.get("metrics")) is None
+            for m in record["measurements"].values())
+        if broken:
+            what = f"no {', '.join(missing)}" if missing else "a measurement that is not sample.py's metrics JSON" \
+                if record["run"] == os.path.basename(path).removesuffix(".json") else f"the run {record['run']!r}"
+            sys.exit(f"error: the record {path} is not one of this reproduction's ({what}): restore it with git "
+                     f"checkout, or delete it to train and measure that run again")
+        records[record["run"]] = record
+    return records
+
+
+def recorded(args, name):
+    return os.path.isfile(os.path.join(args.records_dir, f"{name}.json"))
+
+
+def through(run_name, script):
+    """The script and its first flags for a run: a variant of section "mechanism" goes through
+    tests/one_side_random.py, for its training and its measurements alike."""
+    side = next((side for side in SIDES if f"random-{side}-" in run_name), None)
+    return [script] if side is None else [os.path.join("tests", "one_side_random.py"), side, script]
 
 
 # ----------------------------------------------------------------------------- tables
