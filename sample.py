@@ -16,6 +16,7 @@ import torch
 
 from utils import (
     active_units,
+    add_device_flags,
     check_output_file,
     classifier_features,
     classifier_log_probs,
@@ -23,7 +24,6 @@ from utils import (
     completion_distances,
     figure_formats,
     frechet_distance,
-    get_device,
     image_formats,
     importance_weighted_nll,
     join_image,
@@ -42,6 +42,7 @@ from utils import (
     save_json,
     seed,
     set_seed,
+    setup_device,
     split_image,
     writable_dir,
 )
@@ -73,8 +74,7 @@ def main():
                         help="completions decode z ~ N(0, T^2 I); the likelihoods of --metrics keep the "
                              "prior N(0, I) (default: 1.0)")
     parser.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: 0)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    add_device_flags(parser)
     parser.add_argument("--figure", metavar="PATH",
                         help="also draw one Sampling and the two Resamplings it gives to PATH")
     parser.add_argument("--metrics", action="store_true",
@@ -84,8 +84,9 @@ def main():
                         help="importance samples per image for the NLL of --metrics (default: 100)")
     parser.add_argument("--json", metavar="PATH", help="with --metrics, also write them to PATH as JSON")
     parser.add_argument("--cache-dir", default=CHECKPOINT_DIR,
-                        help="with --metrics, where the digit classifier and the bottom neighbours are cached, "
-                             "built on first use; another folder where checkpoint/ is read-only "
+                        help="with --metrics, where the bottom neighbours are cached, built on first use, and a "
+                             "digit classifier for other MNIST files; the shipped checkpoint/digit_classifier.pth is "
+                             "read where this folder holds none; another folder where checkpoint/ is read-only "
                              f"(default: {CHECKPOINT_DIR})")
     args = parser.parse_args()
     try:
@@ -119,7 +120,7 @@ def run(parser, args):
     if args.json:
         check_output_file(args.json, "--json", {"json"})
     set_seed(args.seed)
-    device = get_device(args.device)
+    device = setup_device(args)
     checkpoint_path = args.checkpoint or newest_checkpoint(CHECKPOINT_DIR)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     model.eval()
@@ -203,7 +204,7 @@ def completion_grid(model, images, alpha, n_samples, temperature=1.0):
 
 @torch.no_grad()
 def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance, temperature, real):
-    """The paper's measures adapted to MNIST completion (README, Results), per image, averaged
+    """The paper's measures adapted to MNIST completion (samples/README.md, "The measures"), per image, averaged
     over the images: rows of (key, name, model's value, real top's value or None). The
     likelihoods use the model's prior; the completions (diversity, best-of-K, the classifier's
     measures) decode z ~ N(0, temperature^2 I). The real tops give the classifier's reference.
@@ -218,7 +219,7 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
     log_probs = classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2])
     scores = classifier_scores(log_probs)  # over the K completions of each image
     truth = classifier_scores(classifier_log_probs(classifier, images)[:, None])  # K = 1: the real top
-    # diversity by source (README, "Does Mix-and-Match keep the latent in use?"): one Sampling held
+    # diversity by source (samples/README.md, "Does Mix-and-Match keep the latent in use?"): one Sampling held
     # for all K, so that only z differs; one z per image held for all K, so that only I differs
     z_alone = complete(model, condition, alpha, n_samples, temperature, sampled_indices=model.sampling(alpha)[0])
     one_z = temperature * torch.randn(len(images), model.config.latent_dim, device=images.device)

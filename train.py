@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from model import CONDITIONINGS, DECODERS, MixAndMatchCVAE, ModelConfig
 from utils import (
     TUTORIAL_ALPHA,
+    add_device_flags,
     free_bits_kl,
-    get_device,
     join_image,
     kl_anneal_function,
     load_checkpoint,
@@ -35,6 +35,7 @@ from utils import (
     save_json,
     seed,
     set_seed,
+    setup_device,
     signals_deferred,
     split_image,
     writable_dir,
@@ -92,8 +93,7 @@ def main():
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     parser.add_argument("--checkpoint-dir", default="checkpoint", help="(default: checkpoint)")
     parser.add_argument("--results-dir", default="results", help="(default: results)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+    add_device_flags(parser)
     parser.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: 0)")
     parser.add_argument("--resume", metavar="PATH",
                         help="continue a run exactly from its checkpoint: the model and loss flags (--alpha, "
@@ -104,7 +104,7 @@ def main():
 
     # everything a user can get wrong is checked here, before data is loaded or an epoch trained
     set_seed(args.seed)
-    device = get_device(args.device)
+    device = setup_device(args)
     model, checkpoint = load_resumable(args.resume, device) if args.resume else (None, None)
     resolve_run_flags(args, checkpoint)
     if not 0 <= args.alpha <= args.hidden_dim:
@@ -266,9 +266,10 @@ def how_to_continue(parser, args, last_checkpoint, diverged=False):
         return ("No checkpoint of this run is on disk yet; start it again"
                 + (f" with a lower learning rate, e.g. {shlex.join(lower_lr)}." if diverged else "."))
     words = ["python3", "train.py", "--resume", last_checkpoint]
-    for name in ("epochs", "data_root", "checkpoint_dir", "results_dir", "device"):  # not kept in a checkpoint
-        if getattr(args, name) != parser.get_default(name):
-            words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    for name in ("epochs", "data_root", "checkpoint_dir", "results_dir", "device", "tf32", "deterministic"):
+        value = getattr(args, name)  # not kept in a checkpoint
+        if value != parser.get_default(name):
+            words += [f"--{name.replace('_', '-')}", *([] if value is True else [str(value)])]
     if diverged:
         return (f"The last good checkpoint is {last_checkpoint}; continue from it with a lower learning "
                 f"rate: {shlex.join(words + lower_lr)}")
@@ -323,12 +324,15 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     trained = 0
     # a DataLoader over the indices shuffles with the same generator draws as the tutorial's
     # DataLoader over the images, so a seed gives the tutorial's batches; the images themselves
-    # are sliced from one tensor
-    for indices in DataLoader(range(len(images)), batch_size=batch_size, shuffle=True):
+    # are sliced from one tensor. It draws from torch's generator before its first batch only, so
+    # the epoch's whole order is taken at once and sent to the images' device in one copy, where a
+    # copy of each batch's indices would make the CPU wait for the GPU at every step
+    order = torch.cat(list(DataLoader(range(len(images)), batch_size=batch_size, shuffle=True)))
+    order = (order.pin_memory() if images.is_cuda else order).to(images.device, non_blocking=True)
+    for indices in order.split(batch_size):
         if len(indices) == 1:  # only a last batch can be this small: main() has said it is skipped
             continue
-        # the DataLoader makes its indices on the CPU; CUDA's index_select needs them on the images' device
-        data, condition = split_image(images.index_select(0, indices.to(images.device)))  # faster than images[indices]
+        data, condition = split_image(images.index_select(0, indices))  # faster than images[indices]
         reconstruction, mu, logvar = model(data, condition, alpha, curriculum_stage, teacher_forcing)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
         objective = free_bits_kl(mu, logvar, free_bits) if free_bits else kl
@@ -347,13 +351,14 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
 def evaluate(model, images, alpha, batch_size=1000):
     """Test loss per image: BCE + KL, the negative ELBO (unweighted, so that epochs compare)."""
     model.eval()
-    total = 0.0
+    # summed on the device in float64, as Python's float summed the batches' values, and read once
+    total = torch.zeros((), dtype=torch.float64, device=images.device)
     for batch in images.split(batch_size):
         data, condition = split_image(batch)
         reconstruction, mu, logvar = model(data, condition, alpha)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
-        total += (bce + kl).item()
-    return total / len(images)
+        total += (bce + kl).double()
+    return total.item() / len(images)
 
 
 @torch.inference_mode()
@@ -366,20 +371,28 @@ def save_reconstructions(model, images, alpha, path):
 
 
 def restore_training_state(checkpoint, optimizer, lr, device):
-    """Optimizer and RNG state, so that a resumed run draws what the uninterrupted one would.
-    The CPU generator (shuffling; Sampling and z on a CPU) is always restored; the CUDA ones
-    (Sampling and z on a GPU) only where the machine has as many GPUs as the one that wrote it."""
+    """Optimizer and RNG state, so that a resumed run draws what the uninterrupted one would. The
+    CPU generator (the shuffle; the Sampling and z on a CPU) is always restored; the CUDA generator
+    of the GPU the run used (the Sampling and z on a GPU) onto the GPU it resumes on. Between a CPU
+    and a GPU one line says that the draws from here on differ from an uninterrupted run's."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = lr  # the checkpoint's unless --lr was given (resolve_run_flags)
     torch.set_rng_state(checkpoint["rng"]["torch"].cpu())  # it was loaded onto `device`; the CPU's lives on the CPU
-    cuda_states, gpus = checkpoint["rng"]["cuda"], torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cuda_states and len(cuda_states) == gpus:
-        torch.cuda.set_rng_state_all([state.cpu() for state in cuda_states])
-    elif cuda_states or device.type == "cuda":
-        differ = ", so this run's draws on the GPU differ from an uninterrupted run's" if device.type == "cuda" else ""
-        print(f"note: the checkpoint holds CUDA generator states for {len(cuda_states)} GPU(s) and this machine "
-              f"has {gpus}: the CPU generator's state is restored, the CUDA generators' are not{differ}")
+    state = checkpoint["rng"]["cuda"]
+    if isinstance(state, list):  # an older checkpoint: every GPU's state, and not which one the run used
+        trained_on = "cpu" if not state else "an unrecorded GPU"
+        state = None
+    else:
+        trained_on = checkpoint.get("device", "cpu")
+    if trained_on.startswith("cuda") and device.type == "cuda":
+        torch.cuda.set_rng_state(state.cpu(), device)
+        if trained_on != str(device):
+            print(f"note: the run trained on {trained_on}; its CUDA generator continues on {device}")
+    elif trained_on != "cpu" or device.type != "cpu":
+        print(f"note: the run trained on {trained_on} and resumes on {device}: the CPU generator's state is "
+              f"restored, but the Sampling and z now draw from {device}'s, so the draws from here on differ from an "
+              f"uninterrupted run's")
 
 
 if __name__ == "__main__":

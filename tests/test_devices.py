@@ -4,7 +4,13 @@ CUDA refuses an op whose tensors sit on different devices; the CPU cannot show t
 there every tensor is a CPU tensor. So the model and the data go to the `meta` device (shapes, no
 values) and every op is recorded: one whose tensor arguments (0-dim scalars aside, which may
 cross devices) sit on more than one device is the bug a GPU user would meet. Ops meta cannot run
-(`.item()`) end a run; the ops before them have been checked."""
+(`.item()`, which on a GPU makes the CPU wait for the GPU) end a run; the ops before them have
+been checked.
+
+The recorder also counts what makes the CPU wait for the GPU on CUDA without mixing devices: a
+copy from the CPU to the device, and a Python number assigned through indexing (`t[i] = True`: on
+CUDA, torch makes the number a CPU tensor and index_put_ copies it over). A training step, an
+evaluation and a sampling call must make none, so that CUDA queues their work without waiting."""
 import os
 
 import pytest
@@ -15,10 +21,11 @@ from torch.utils._pytree import tree_flatten
 
 from model import MixAndMatchCVAE, ModelConfig
 from sample import completion_grid, evaluation_metrics
-from train import evaluate, train_epoch
+from train import evaluate, restore_training_state, train_epoch
 from utils import (
     bottom_neighbours,
     digit_classifier,
+    forked_devices,
     frechet_distance,
     load_or_train_classifier,
     manifold_measures,
@@ -29,6 +36,9 @@ from utils import (
 
 META = torch.device("meta")
 ITEM = ("aten._local_scalar_dense.default", "aten.item.default")  # .item(), as no_grad and inference_mode dispatch it
+COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)  # .to(device), and copy_ into a tensor
+# t[i] = number: on CUDA, torch makes the number a CPU tensor, which index_put_ copies over
+INDEXED_ASSIGNMENT = (torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)
 
 
 class DeviceMixRecorder(TorchDispatchMode):
@@ -36,7 +46,7 @@ class DeviceMixRecorder(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops, self.mixed = [], []
+        self.ops, self.mixed, self.transfers = [], [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -44,7 +54,11 @@ class DeviceMixRecorder(TorchDispatchMode):
         self.ops.append(str(func))
         if len(devices) > 1:
             self.mixed.append(f"{func} on {sorted(devices)}")
-        return func(*args, **(kwargs or {}))
+        result = func(*args, **(kwargs or {}))
+        copied_over = func in COPIES and args[0].device.type == "cpu" and result.device != args[0].device
+        if copied_over or func in INDEXED_ASSIGNMENT and args[2].dim() == 0:
+            self.transfers.append(str(func))
+        return result
 
 
 def record(fn, *args):
@@ -74,6 +88,15 @@ def test_train_epoch_keeps_every_tensor_on_the_data_device(config, teacher_forci
     # the whole epoch ran: three batches (128, 128, 44) of forward, backward and Adam, then .item()
     assert recorder.ops.count("aten.binary_cross_entropy_backward.default") == 3
     assert recorder.ops[-1] in ITEM
+    # one copy to the device in the whole epoch: the shuffled order of its images, not one per step
+    assert recorder.transfers == ["aten._to_copy.default"]
+
+
+def test_evaluation_reads_its_loss_once_after_every_batch():
+    model = MixAndMatchCVAE(ModelConfig()).to(META)
+    recorder = record(evaluate, model, torch.empty(300, 784, device=META), 64, 100)
+    assert recorder.ops.count("aten.lerp.Tensor") == 3  # the BCE of each of the 3 batches, then one .item()
+    assert recorder.ops[-1] in ITEM and recorder.transfers == []
 
 
 @pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conditioning="concat", decoder="autoregressive"),
@@ -93,6 +116,7 @@ def test_evaluation_sampling_and_metrics_keep_every_tensor_on_the_data_device(co
                      (evaluation_metrics, (model, digit_classifier().to(META).eval(), images, 64, k, 4, 1.0, real))]:
         recorder = record(fn, *args)
         assert recorder.mixed == [], fn.__name__
+        assert recorder.transfers == [], fn.__name__
         assert len(recorder.ops) > 50, fn.__name__  # it did run
     if config.conditioning != "concat":
         assert "aten.randperm.default" in record(completion_grid, model, images, 64, 5).ops  # a Sampling per column
@@ -124,12 +148,12 @@ def save_as_if_on_a_gpu(obj, path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does")
 def test_a_gpu_checkpoint_samples_and_resumes_on_a_cpu_only_machine(tmp_path, mnist_root, monkeypatch, in_process):
-
     common = ["--data-root", mnist_root, "--device", "cpu", "--results-dir", tmp_path / "results"]
     in_process("train.py", *common, "--epochs", "2", "--checkpoint-dir", "straight", cwd=tmp_path, check=True)
     in_process("train.py", *common, "--epochs", "1", "--checkpoint-dir", "first", cwd=tmp_path, check=True)
     checkpoint = torch.load(tmp_path / "first" / "mix_match_01.pth", weights_only=True)
-    checkpoint["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # one GPU's generator state
+    assert checkpoint["device"] == "cpu" and checkpoint["rng"]["cuda"] is None  # what a CPU run records
+    checkpoint["device"], checkpoint["rng"]["cuda"] = "cuda:1", torch.zeros(16, dtype=torch.uint8)  # as on a GPU
     save_as_if_on_a_gpu(checkpoint, tmp_path / "gpu.pth", monkeypatch)
     with pytest.raises(RuntimeError, match="CUDA"):  # what loading without map_location would do
         torch.load(tmp_path / "gpu.pth", weights_only=True)
@@ -140,10 +164,73 @@ def test_a_gpu_checkpoint_samples_and_resumes_on_a_cpu_only_machine(tmp_path, mn
 
     result = in_process("train.py", *common, "--epochs", "2", "--checkpoint-dir", "resumed", "--resume", "gpu.pth",
                         cwd=tmp_path, check=True)
-    assert "CUDA generator states for 1 GPU(s) and this machine has 0" in result.stdout
-    assert "the CPU generator's state is restored" in result.stdout
-    # the CPU generator drew this run's batches and Samplings, so the resumed run is the straight one
+    assert ("note: the run trained on cuda:1 and resumes on cpu: the CPU generator's state is restored, but the "
+            "Sampling and z now draw from cpu's, so the draws from here on differ from an uninterrupted run's"
+            in result.stdout)
+    # here the CPU generator drew this run's batches and Samplings, so the resumed run is the straight one
     resumed = torch.load(tmp_path / "resumed" / "mix_match_02.pth", weights_only=True)["model"]
     straight = torch.load(tmp_path / "straight" / "mix_match_02.pth", weights_only=True)["model"]
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     assert os.listdir(tmp_path / "resumed") == ["mix_match_02.pth"]
+
+
+def resume_state(trained_on, cuda_state, device, monkeypatch, capsys):
+    """restore_training_state of a hand-made checkpoint (trained on `trained_on`, its CUDA
+    generator's state `cuda_state`) onto `device`: (the CUDA states set, by device; what it printed)."""
+    model = MixAndMatchCVAE(ModelConfig())
+    optimizer = torch.optim.Adam(model.parameters())
+    checkpoint = {"optimizer": optimizer.state_dict(), "device": trained_on,
+                  "rng": {"torch": torch.get_rng_state(), "cuda": cuda_state}}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, str(device))))
+    restore_training_state(checkpoint, optimizer, 1e-4, torch.device(device))
+    return restored, capsys.readouterr().out
+
+
+def test_resume_restores_the_generator_of_the_gpu_the_run_used_onto_the_one_it_resumes_on(monkeypatch, capsys):
+    state = torch.arange(16, dtype=torch.uint8)
+    restored, out = resume_state("cuda:1", state, "cuda:0", monkeypatch, capsys)
+    assert len(restored) == 1 and torch.equal(restored[0][0], state) and restored[0][1] == "cuda:0"
+    assert out == "note: the run trained on cuda:1; its CUDA generator continues on cuda:0\n"
+    restored, out = resume_state("cuda:0", state, "cuda:0", monkeypatch, capsys)
+    assert len(restored) == 1 and out == ""  # the same GPU: nothing to say
+    restored, out = resume_state("cpu", None, "cuda:0", monkeypatch, capsys)  # a CPU run resumed on a GPU
+    assert restored == [] and "the run trained on cpu and resumes on cuda:0" in out and "differ" in out
+    restored, out = resume_state("cpu", None, "cpu", monkeypatch, capsys)
+    assert restored == [] and out == ""
+    # a checkpoint of older code: every GPU's state by position, and not which GPU the run used
+    restored, out = resume_state("cuda:0", [state, state], "cuda:0", monkeypatch, capsys)
+    assert restored == [] and "the run trained on an unrecorded GPU and resumes on cuda:0" in out
+
+
+def test_the_classifier_forks_the_generators_of_its_device_only(tmp_path, mnist_root, monkeypatch):
+    assert forked_devices(torch.device("cpu")) == forked_devices(META) == []
+    assert forked_devices(torch.device("cuda:2")) == [2]
+    forked = []
+    fork_rng = torch.random.fork_rng
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None, **kw: forked.append(devices) or fork_rng(
+        devices=devices, **kw))
+    load_or_train_classifier(str(tmp_path / "classifier.pth"), mnist_root, torch.device("cpu"), 1)
+    load_or_train_classifier(str(tmp_path / "classifier.pth"), mnist_root, torch.device("cpu"), 1)  # the cache
+    assert forked == [[], []]  # trained, then loaded: the CPU's generator only, never every GPU's
+
+
+@pytest.mark.parametrize("flags, precision, deterministic", [([], "ieee", False), (["--tf32"], "tf32", False),
+                                                             (["--deterministic"], "ieee", True)])
+def test_float32_unless_tf32_is_asked_for_and_determinism_on_request(trained, user, monkeypatch, flags, precision,
+                                                                      deterministic):
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn.rnn, "fp32_precision", "tf32")  # torch's own default, restored after the test
+    monkeypatch.setattr(cudnn.conv, "fp32_precision", "tf32")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        user("sample.py", "--checkpoint", trained, "--out", "g.png", *flags, check=True)
+        assert (cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision) == (precision, precision)
+        assert torch.backends.cuda.matmul.fp32_precision == precision
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert (os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8") is deterministic
+        user("train.py", "--epochs", 1, "--checkpoint-dir", "ck2", "--results-dir", "res2", *flags, check=True)
+        assert cudnn.conv.fp32_precision == precision and torch.are_deterministic_algorithms_enabled() is deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
