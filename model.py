@@ -8,11 +8,11 @@ picks a random set I of `alpha` indices out of `hidden_dim`, and Resampling buil
 vector from two sources, one at I and the other at the complement. The layer names match the
 tutorial's, so its published state_dict loads with strict=True.
 
-Options exist to test the paper's claim (README, "Does Mix-and-Match keep the latent in use?"):
-the ordinary concatenating CVAE (`conditioning="concat"`), and two decoders expressive enough to do
-without the latent: an autoregressive one over pixels (`decoder="autoregressive"`), and the paper's
-own, a GRU over image rows whose initial state is the fusion (`decoder="recurrent"`,
-RecurrentDecoder below the model).
+Options exist to test the paper's claim (samples/README.md, "Does Mix-and-Match keep the latent in
+use?"): the ordinary concatenating CVAE (`conditioning="concat"`), and two decoders expressive
+enough to do without the latent, each a module below the model: one autoregressive over pixels
+(`decoder="autoregressive"`, AutoregressiveDecoder), and the paper's own, a GRU over image rows
+whose initial state is the fusion (`decoder="recurrent"`, RecurrentDecoder).
 """
 from dataclasses import dataclass
 
@@ -52,6 +52,14 @@ def _encoder(in_dim, hidden_dim):
     )
 
 
+def _decoder(fused_dim, config):
+    # Linear -> BatchNorm1d -> ReLU, then the pixel probabilities (tutorial: 128 -> 128 -> 500)
+    return nn.Sequential(
+        nn.Linear(fused_dim, config.hidden_dim), nn.BatchNorm1d(config.hidden_dim), nn.ReLU(),
+        nn.Linear(config.hidden_dim, config.output_dim), nn.Sigmoid(),
+    )
+
+
 class MixAndMatchCVAE(nn.Module):
 
     def __init__(self, config=None):
@@ -73,27 +81,17 @@ class MixAndMatchCVAE(nn.Module):
         self.std = nn.Linear(fused_dim, config.latent_dim)
         # lifts z to hidden_dim so that Resampling can mix it with the condition
         self.decode_latent = nn.Sequential(nn.Linear(config.latent_dim, config.hidden_dim), nn.ReLU())
-        if config.decoder == "recurrent":  # the paper's decoder replaces the tutorial's
+        if config.decoder == "mlp":
+            self.data_decoder = _decoder(fused_dim, config)  # the tutorial's
+        elif config.decoder == "autoregressive":
+            self.autoregressive_decoder = AutoregressiveDecoder(fused_dim, config)
+            # a checkpoint of older code holds its layers as data_decoder.* and previous_pixels.weight
+            self.register_load_state_dict_pre_hook(_autoregressive_keys_of_older_code)
+        else:  # the paper's decoder
             self.recurrent_decoder = RecurrentDecoder(fused_dim, config)
-            return
-        self.data_decoder = nn.Sequential(
-            nn.Linear(fused_dim, config.hidden_dim), nn.BatchNorm1d(config.hidden_dim), nn.ReLU(),
-            nn.Linear(config.hidden_dim, config.output_dim), nn.Sigmoid(),
-        )
-        if config.decoder == "autoregressive":
-            # logit of top pixel i += sum over j < i of W_ij * pixel j: a strictly lower-triangular
-            # linear map of the pixels before i (a fully visible sigmoid belief net, Neal 1992, on
-            # top of the decoder). It sees the stroke so far, the pixel to the left and the one a row
-            # up, which is what the MLP decoder can only get through z; one masked matmul when
-            # teacher-forced, O(pixels^2) multiply-adds to generate a top
-            self.previous_pixels = nn.Linear(config.output_dim, config.output_dim, bias=False)
-            self.register_buffer("causal_mask", torch.ones(config.output_dim, config.output_dim).tril(-1),
-                                 persistent=False)
-            with torch.no_grad():
-                self.previous_pixels.weight.mul_(self.causal_mask)  # the entries never used stay zero
 
     def sampling(self, alpha, curriculum_stage=None):
-        """Sampling (README walk-through, step 3): a random set I of `alpha` distinct indices out of hidden_dim,
+        """Sampling (tutorial step 3): a random set I of `alpha` distinct indices out of hidden_dim,
         and its complement Ī. Drawn from torch's generator, so torch.manual_seed fixes a run.
 
         At a curriculum stage s (paper, section 3.3) I is the first alpha - s indices of the known
@@ -119,10 +117,12 @@ class MixAndMatchCVAE(nn.Module):
 
     @staticmethod
     def resampling(at_sampled, at_complementary, sampled_indices):
-        """Resampling (README walk-through, step 4): a hidden vector whose entries I come from the first
+        """Resampling (tutorial step 4): a hidden vector whose entries I come from the first
         source and whose entries Ī, the rest, from the second."""
-        is_sampled = torch.zeros(at_sampled.shape[1], dtype=torch.bool, device=at_sampled.device)
-        is_sampled[sampled_indices] = True
+        # the mask is made on the sources' device: index_fill_ takes True as a number, where
+        # is_sampled[sampled_indices] = True would copy a CPU tensor to the GPU, a wait per call
+        is_sampled = torch.zeros(at_sampled.shape[1], dtype=torch.bool, device=at_sampled.device).index_fill_(
+            0, sampled_indices, True)
         # one select, forward and backward, gives what the tutorial's zeros tensor plus two
         # indexed assignments gives, at a fraction of the cost (tests/bench_train.py)
         return torch.where(is_sampled, at_sampled, at_complementary)  # (B, hidden_dim)
@@ -152,25 +152,9 @@ class MixAndMatchCVAE(nn.Module):
         fused = self.combine(condition_h, self.decode_latent(z), sampled_indices)
         if self.config.decoder == "mlp":
             return self.data_decoder(fused)
-        if self.config.decoder == "recurrent":
-            return self.recurrent_decoder(fused, condition, data, teacher_forcing)
-        logits = self.data_decoder[:-1](fused)  # (B, output_dim), before the Sigmoid
-        weight = self.previous_pixels.weight * self.causal_mask  # no gradient reaches pixel i or later
-        if data is not None:
-            history = drop_history(data, self.config.history_dropout) if self.training else data
-            return torch.sigmoid(logits + history @ weight.T)  # every pixel from the true ones before it
-        return self.generate(logits, weight)
-
-    @staticmethod
-    def generate(logits, weight):
-        """The autoregressive decoder's top, pixel by pixel in raster order, each pixel fed back as
-        its own probability, so that z and the Sampling fix the completion (as a motion
-        decoder's noise fixes its future). Each new pixel adds its term to every later logit."""
-        logits, top = logits.clone(), torch.empty_like(logits)
-        for i in range(logits.shape[1]):
-            top[:, i] = torch.sigmoid(logits[:, i])
-            logits[:, i + 1:].addr_(top[:, i], weight[i + 1:, i])  # (B, pixels after i)
-        return top
+        if self.config.decoder == "autoregressive":
+            return self.autoregressive_decoder(fused, data)
+        return self.recurrent_decoder(fused, condition, data, teacher_forcing)
 
     def forward(self, data, condition, alpha, curriculum_stage=None, teacher_forcing=1.0):
         """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar). The
@@ -204,6 +188,52 @@ class MixAndMatchCVAE(nn.Module):
     def _check_width(x, width, name):
         if x.dim() != 2 or x.shape[1] != width:
             raise ValueError(f"{name} must have shape (batch, {width}), got {tuple(x.shape)}")
+
+
+class AutoregressiveDecoder(nn.Module):
+    """The tutorial's decoder (`mlp`) with each top pixel also conditioned on the pixels before it
+    in raster order: logit of pixel i += sum over j < i of W_ij * pixel j, a strictly
+    lower-triangular linear map (a fully visible sigmoid belief net, Neal 1992, on top of the
+    decoder). It sees the stroke so far, the pixel to the left and the one a row up, which is what
+    the MLP decoder can only get through z; one masked matmul when teacher-forced, O(pixels^2)
+    multiply-adds to generate a top."""
+
+    def __init__(self, fused_dim, config):
+        super().__init__()
+        self.mlp = _decoder(fused_dim, config)
+        self.history_dropout = config.history_dropout
+        self.previous_pixels = nn.Linear(config.output_dim, config.output_dim, bias=False)
+        self.register_buffer("causal_mask", torch.ones(config.output_dim, config.output_dim).tril(-1),
+                             persistent=False)
+        with torch.no_grad():
+            self.previous_pixels.weight.mul_(self.causal_mask)  # the entries never used stay zero
+
+    def forward(self, fused, data=None):
+        """(B, output_dim) probabilities: teacher-forced with the true top `data`, else generated."""
+        logits = self.mlp[:-1](fused)  # (B, output_dim), before the Sigmoid
+        weight = self.previous_pixels.weight * self.causal_mask  # no gradient reaches pixel i or later
+        if data is not None:
+            history = drop_history(data, self.history_dropout) if self.training else data
+            return torch.sigmoid(logits + history @ weight.T)  # every pixel from the true ones before it
+        return self.generate(logits, weight)
+
+    @staticmethod
+    def generate(logits, weight):
+        """The top, pixel by pixel in raster order, each pixel fed back as its own probability, so
+        that z and the Sampling fix the completion (as a motion decoder's noise fixes its future).
+        Each new pixel adds its term to every later logit."""
+        logits, top = logits.clone(), torch.empty_like(logits)
+        for i in range(logits.shape[1]):
+            top[:, i] = torch.sigmoid(logits[:, i])
+            logits[:, i + 1:].addr_(top[:, i], weight[i + 1:, i])  # (B, pixels after i)
+        return top
+
+
+def _autoregressive_keys_of_older_code(module, state_dict, prefix, *args):
+    """Before AutoregressiveDecoder, its layers were the model's data_decoder and previous_pixels."""
+    for key in [key for key in state_dict if key.startswith((f"{prefix}data_decoder.", f"{prefix}previous_pixels."))]:
+        state_dict[f"{prefix}autoregressive_decoder.{key[len(prefix):].replace('data_decoder.', 'mlp.')}"] = \
+            state_dict.pop(key)
 
 
 def drop_history(history, p):

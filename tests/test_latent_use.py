@@ -1,4 +1,4 @@
-"""The options that test the paper's claim (README, "Does Mix-and-Match keep the latent in use?"):
+"""The options that test the paper's claim (samples/README.md, "Does Mix-and-Match keep the latent in use?"):
 the autoregressive decoder, the concatenating CVAE, and the diversity of completions by source."""
 import argparse
 
@@ -17,7 +17,8 @@ def autoregressive(**sizes):
     torch.manual_seed(0)
     model = MixAndMatchCVAE(ModelConfig(decoder="autoregressive", **sizes)).eval()
     with torch.no_grad():  # a map of the previous pixels strong enough that a mistake would show
-        model.previous_pixels.weight.normal_(0, 0.3).mul_(model.causal_mask)
+        decoder = model.autoregressive_decoder
+        decoder.previous_pixels.weight.normal_(0, 0.3).mul_(decoder.causal_mask)
     return model
 
 
@@ -48,8 +49,9 @@ def test_autoregressive_likelihood_is_the_chain_rule_pixel_by_pixel():
     model = autoregressive(hidden_dim=16, latent_dim=4)
     z, condition_h, sampled = decoder_inputs(model)
     data = torch.rand(6, 500)
-    logits = model.data_decoder[:-1](model.combine(condition_h, model.decode_latent(z), sampled))
-    weight = model.previous_pixels.weight
+    decoder = model.autoregressive_decoder
+    logits = decoder.mlp[:-1](model.combine(condition_h, model.decode_latent(z), sampled))
+    weight = decoder.previous_pixels.weight
     reference = torch.stack([torch.sigmoid(logits[:, i] + data[:, :i] @ weight[i, :i]) for i in range(500)], 1)
     assert torch.allclose(model.decode(z, condition_h, sampled, data), reference, atol=1e-6)
     # posterior_draws' BCE is this log-likelihood, for the same Sampling and z
@@ -152,3 +154,14 @@ def test_a_checkpoint_from_before_the_decoder_flag_resumes_as_mlp():
                                  "decoder": "autoregressive"})
     with pytest.raises(SystemExit, match=r"--decoder autoregressive \(the checkpoint has mlp\)"):
         resolve_run_flags(args, checkpoint)
+
+
+def test_an_autoregressive_checkpoint_of_older_code_loads_into_its_own_module():
+    """Before AutoregressiveDecoder, its layers were the model's data_decoder.* and previous_pixels."""
+    state = autoregressive().state_dict()
+    older = {key.replace("autoregressive_decoder.mlp.", "data_decoder.").replace("autoregressive_decoder.", ""): value
+             for key, value in state.items()}
+    assert "previous_pixels.weight" in older and "data_decoder.3.weight" in older
+    model = MixAndMatchCVAE(ModelConfig(decoder="autoregressive"))
+    model.load_state_dict(older, strict=True)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())

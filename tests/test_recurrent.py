@@ -1,4 +1,4 @@
-"""The paper's own regime (README, "Does Mix-and-Match keep the latent in use?"): the recurrent
+"""The paper's own regime (samples/README.md, "Does Mix-and-Match keep the latent in use?"): the recurrent
 decoder and its teacher-forcing schedule; and the two standard fixes for an ignored latent, free
 bits and history dropout."""
 
