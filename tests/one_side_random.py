@@ -1,8 +1,8 @@
 """
 A research-only variant (not a test): Mix-and-Match's Sampling redrawn on one side only, the fixed
 split (the first alpha indices, the paper's deterministic baseline) on the other. It tells which
-side's redrawing makes the model rely on z less (README, "Does Mix-and-Match keep the latent in
-use?"); tests/reproduce_results.py --section mechanism trains and measures through it:
+side's redrawing makes the model rely on z less (samples/README.md, "Which side's redrawing costs
+z?"); tests/reproduce_results.py --section mechanism trains and measures through it:
 
     python3 tests/one_side_random.py decoder train.py --data-root ../shared/data --decoder autoregressive
     python3 tests/one_side_random.py decoder sample.py --checkpoint ... --metrics

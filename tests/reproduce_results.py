@@ -52,11 +52,12 @@ sys.path.insert(0, REPO)
 import torch
 
 from one_side_random import SIDES
-from utils import atomic_write, mnist_dataset, plot_history, process_lock, save_figure, save_json
+from utils import atomic_write, mnist_dataset, plot_history, positive_int, process_lock, save_figure, save_json
 
 MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
 SEEDS = (0, 1, 2)
 TEMPERATURES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # until diversity stops growing
+REPORT_TEMPERATURES = (0.5, 1.0, 2.0, 4.0, 12.0)  # the report's table; samples/tables/frontier.md has them all
 TEST_ALPHAS, TEST_ALPHA_TEMPERATURES = (32, 96), (1.0, 1.5)  # the default model, sampled with another alpha
 TRAIN_ALPHAS = (16, 32, 96, 112)  # 64, the default, is the seed runs
 EPOCHS = 50
@@ -77,6 +78,7 @@ FIXES = {"free bits": ("--free-bits", "fb", (0.1, 0.25, 0.5)),
          "history dropout": ("--history-dropout", "hd", (0.25, 0.5, 0.75))}
 EXPRESSIVE = {"autoregressive": DECODERS["autoregressive"], "recurrent": RECURRENT}
 SECTIONS = ("recurrent", "fixes", "mechanism", "latent-use", "results")  # the longest chains of runs first
+REPORT_ORDER = ("results", "latent-use", "recurrent", "mechanism", "fixes")  # the report's sections
 
 
 RECORDS = os.path.join(REPO, "samples", "records")
@@ -130,12 +132,6 @@ def main():
     except OSError as e:  # a full disk while writing a log, a record or a table
         sys.exit(f"error: {e.filename}: {e.strerror}. The finished runs are kept; free space, then run the same "
                  f"command again to continue.")
-
-
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def plan(args, sections):
@@ -247,15 +243,19 @@ def progress(args, trainings, measures, t0):
         measure_seconds += [m["seconds"] for m in record["measurements"].values() if m["seconds"] is not None]
     done = f"{len(runs) - len(left)}/{len(runs)} runs recorded, {format_seconds(time.time() - t0)} so far"
     estimate = 0.0
+    if not epoch_seconds:
+        return done
+    rough = False
     for name in left:
         if name in trainings:
             _, epochs, start = trainings[name]
             seconds = epoch_seconds.get(decoder_of(name, trainings))
-            if not seconds:  # no record of this decoder yet
-                return done
+            rough |= not seconds  # no record of this decoder yet: the others' epochs stand in for its
+            seconds = seconds or [s for decoder in epoch_seconds.values() for s in decoder]
             estimate += statistics.median(seconds) * (epochs - (trainings[start][1] if start else 0))
         estimate += statistics.median(measure_seconds or [0]) * sum(run == name for run, _ in measures.values())
-    return f"{done}, about {format_seconds(estimate / args.jobs)} left"
+    return (f"{done}, about {format_seconds(estimate / args.jobs)} left"
+            + (" (rough: a decoder has no record yet)" if rough else ""))
 
 
 def decoder_of(name, trainings):
@@ -275,23 +275,40 @@ def format_seconds(seconds):
 # the documents whose tables are written from the records, between "<!-- table NAME -->" and
 # "<!-- /table -->" lines
 DOCUMENTS = ("README.md", os.path.join("samples", "README.md"))
+DOCUMENT_ROOT = REPO  # where DOCUMENTS and samples/ are (the tests' hand-made ones elsewhere)
 TABLE = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
 
 
-def tables():
-    """{table name: (its section, function(metrics, records) -> markdown)}."""
+def tables(records_dir):
+    """{table name: (the sections it needs, function(metrics, records) -> markdown)}: the tables
+    between the documents' markers, of the records in records_dir."""
     return {
-        "seeds": ("results", lambda m, r: seed_table(m)),
-        "seed-differences": ("results", lambda m, r: differences_table(m)),
-        "frontier": ("results", lambda m, r: frontier_table(m)),
-        "latent-use": ("latent-use", lambda m, r: latent_table(m, latent_columns())),
-        "latent-use-differences": ("latent-use", lambda m, r: latent_differences_table(m, latent_pairs())),
-        "latent-use-long": ("latent-use", lambda m, r: long_table(m, "ar-")),
-        "recurrent": ("recurrent", lambda m, r: latent_table(m, recurrent_columns())),
-        "recurrent-differences": ("recurrent", lambda m, r: latent_differences_table(m, recurrent_pairs())),
-        "recurrent-long": ("recurrent", lambda m, r: long_table(m, RECURRENT[0])),
-        **{f"fixes-{i}": ("fixes", lambda m, r, i=i: fixes_tables(m)[i]) for i in range(3)},
-        **{f"mechanism-{i}": ("mechanism", lambda m, r, i=i: mechanism_tables(m)[i]) for i in range(2)},
+        "found": (("latent-use", "recurrent", "fixes"), lambda m, r: found_table(m)),
+        "provenance": ((), lambda m, r: provenance(r, records_dir)),
+        "seeds": (("results",), lambda m, r: seed_table(m)),
+        "frontier": (("results",), lambda m, r: frontier_table(m)),
+        "latent-use": (("latent-use",), lambda m, r: latent_table(m, latent_columns())),
+        "latent-use-long": (("latent-use",), lambda m, r: long_table(m, "ar-")),
+        "recurrent": (("recurrent",), lambda m, r: latent_table(m, recurrent_columns())),
+        "recurrent-long": (("recurrent",), lambda m, r: long_table(m, RECURRENT[0])),
+        "fixes": (("fixes",), lambda m, r: fixes_tables(m)[0]),
+        "fixes-sweep": (("fixes",), lambda m, r: fixes_tables(m)[1]),
+        "mechanism": (("mechanism",), lambda m, r: mechanism_tables(m)[0]),
+    }
+
+
+def table_files():
+    """{file under samples/: (its sections, function(metrics, records) -> markdown)}: the matrices
+    too wide for the report, each a file of its own that the report links."""
+    return {
+        os.path.join("tables", "seed_differences.md"): (("results",), lambda m, r: differences_table(m)),
+        os.path.join("tables", "frontier.md"): (("results",), lambda m, r: frontier_table(m, full=True)),
+        os.path.join("tables", "latent_use_differences.md"): (
+            ("latent-use",), lambda m, r: latent_differences_table(m, latent_pairs())),
+        os.path.join("tables", "recurrent_differences.md"): (
+            ("recurrent",), lambda m, r: latent_differences_table(m, recurrent_pairs())),
+        os.path.join("tables", "fixes_differences.md"): (("fixes",), lambda m, r: fixes_tables(m)[2]),
+        os.path.join("tables", "mechanism_differences.md"): (("mechanism",), lambda m, r: mechanism_tables(m)[1]),
     }
 
 
@@ -310,10 +327,10 @@ def figures():
 
 
 def write_documents(records_dir, check=False):
-    """Write every table of DOCUMENTS and every figure from the records alone; a table or figure of
-    a section whose measurements are not all recorded is written as pending, and its section named
-    in one line. With check, write nothing and return 1 if a document differs from what the records
-    give. Returns the exit code."""
+    """Write every table of DOCUMENTS, every file of table_files() and every figure from the records
+    alone; a table, file or figure of a section whose measurements are not all recorded is written
+    as pending, and its section named in one line. With check, write nothing and return 1 if a
+    document or file differs from what the records give. Returns the exit code."""
     records = read_records(records_dir)
     metrics = recorded_measurements(records_dir)
     scratch = argparse.Namespace(records_dir=records_dir)
@@ -322,38 +339,69 @@ def write_documents(records_dir, check=False):
         if names:
             print(f"section {section}: {len(names)} measurements not recorded yet ({', '.join(names[:3])}"
                   f"{', ...' if len(names) > 3 else ''}): its tables and figures are pending")
-    known, written, differing = tables(), {}, []
+
+    def body(sections, make):
+        waiting = [section for section in sections if missing[section]]
+        return pending(waiting, missing) if waiting else make(metrics, records)
+    known, written = tables(records_dir), {}
     for document in DOCUMENTS:
-        with open(os.path.join(REPO, document)) as f:
+        with open(os.path.join(DOCUMENT_ROOT, document)) as f:
             text = f.read()
         unknown = [name for _, name, _, _ in TABLE.findall(text) if name not in known]
         if unknown:
             sys.exit(f"error: {document} has a table marker of no table of this reproduction: {', '.join(unknown)}")
-
-        def table(match):
-            section, make = known[match[2]]
-            body = pending(section, missing[section]) if missing[section] else make(metrics, records)
-            return f"{match[1]}{body}\n{match[4]}"
-        written[document] = TABLE.sub(table, text)
-        if written[document] != text:
-            differing.append(document)
+        written[document] = TABLE.sub(lambda match: f"{match[1]}{body(*known[match[2]])}\n{match[4]}", text)
+    for name, (sections, make) in table_files().items():
+        written[os.path.join("samples", name)] = f"{body(sections, make)}\n"
+    differing = [path for path, text in written.items() if read_text(os.path.join(DOCUMENT_ROOT, path)) != text]
     if check:
-        for document in differing:
-            print(f"{document}: its tables differ from what the records give; run "
+        for path in differing:
+            print(f"{path}: its tables differ from what the records give; run "
                   f"`python3 tests/reproduce_results.py --tables` and commit the result")
         return 1 if differing else 0
-    for document in differing:
-        atomic_write(os.path.join(REPO, document), lambda f, text=written[document]: f.write(text.encode()))
+    for path in differing:
+        os.makedirs(os.path.dirname(os.path.join(DOCUMENT_ROOT, path)), exist_ok=True)
+        atomic_write(os.path.join(DOCUMENT_ROOT, path), lambda f, text=written[path]: f.write(text.encode()))
     for name, (section, draw) in figures().items():
         if not missing[section]:
-            draw(metrics, records, os.path.join(REPO, "samples", name))
-    print(f"wrote the tables of {', '.join(DOCUMENTS)} and the figures of the complete sections under samples/")
+            draw(metrics, records, os.path.join(DOCUMENT_ROOT, "samples", name))
+    print(f"wrote the tables of {', '.join(DOCUMENTS)} and samples/tables/, and the figures of the complete "
+          f"sections under samples/")
     return 0
 
 
-def pending(section, names):
-    return (f"*Pending: {len(names)} measurements of section {section} are not recorded yet; "
-            f"`python3 tests/reproduce_results.py --data-root DATA --section {section}` continues the reproduction.*")
+def read_text(path):
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        return f.read()
+    return None
+
+
+def pending(sections, missing):
+    counts = ", ".join(f"{len(missing[section])} of section {section}" for section in sections)
+    return (f"*Pending: measurements not recorded yet ({counts}); `python3 tests/reproduce_results.py --data-root "
+            f"DATA` continues the reproduction.*")
+
+
+def provenance(records, records_dir):
+    """Where the records come from, in a few lines: runs, commits, torch, CPUs and threads, and the
+    core-hours of each section (training and measuring, times the threads each used)."""
+    if not records:
+        return "*No run is recorded yet.*"
+    def counted(key):
+        values = [record[key] for record in records.values()]
+        return ", ".join(f"{value} ({values.count(value)})" for value in sorted(set(values), key=str))
+    hours, counted_runs = [], set()
+    for section in REPORT_ORDER:  # a run shared by two sections counts in the first
+        runs = {run for run, _ in measurements(section, argparse.Namespace(records_dir=records_dir)).values()}
+        seconds = sum(records[run]["threads"] * ((records[run]["train"] or {}).get("seconds", 0) + sum(
+            m["seconds"] or 0 for m in records[run]["measurements"].values())) for run in runs - counted_runs
+            if run in records)
+        counted_runs |= runs
+        hours.append(f"{section} {seconds / 3600:.1f}")
+    return (f"{len(records)} runs recorded. Commits (runs): {counted('commit')}. torch: {counted('torch')}. "
+            f"CPUs: {counted('cpu')}, instruction set {counted('cpu_capability')}, threads per run "
+            f"{counted('threads')}. Core-hours recorded, training and measuring (a run shared by two sections in the "
+            f"first): {', '.join(hours)}.")
 
 
 # ----------------------------------------------------------------------------- verify
@@ -794,10 +842,10 @@ def mean_sd(values):
     return statistics.mean(values), statistics.stdev(values)
 
 
-def mean_sd_cell(values):
+def mean_sd_cell(values, digits=3):
     """'mean ± sd', or 'n/a' for a measure the conditioning does not have (diversity from the
     Sampling alone where I never changes)."""
-    return "n/a" if None in values else "{:.3f} ± {:.3f}".format(*mean_sd(values))
+    return "n/a" if None in values else "{0:.{2}f} ± {1:.{2}f}".format(*mean_sd(values), digits)
 
 
 def difference(metrics, key, a, b):
@@ -849,6 +897,27 @@ MECHANISM_ROWS = (("redrawn on both sides (mix-and-match)", "mix-and-match"),
                   *((f"redrawn on the {side} side only", f"random-{side}") for side in SIDES),
                   ("redrawn on neither (fixed)", "fixed"))
 MECHANISM_KEYS = ("kl", "active_units", "diversity_z", "diversity_sampling", "iw_nll", "coverage", "frechet")
+
+
+# short column headers, for tables of one column per measure
+SHORT = {"kl": "KL (nats)", "active_units": "active units", "diversity_z": "z alone", "diversity_sampling":
+         "Sampling alone", "diversity": "diversity", "iw_nll": "IW NLL (nats)", "precision": "precision",
+         "coverage": "coverage", "frechet": "Fréchet"}
+FOUND_KEYS = ("kl", "diversity_z", "diversity_sampling", "diversity", "iw_nll", "coverage", "frechet")
+
+
+def found_table(metrics):
+    """README's table: per decoder, the three conditionings and concat with the fix that won
+    (section "fixes"), each measure of FOUND_KEYS as mean ± sd over the seeds."""
+    better = better_fixes(metrics, picks := picked_values(metrics))
+    rows = []
+    for decoder, prefix in (("MLP", ""), ("autoregressive", "ar-"), ("recurrent", RECURRENT[0])):
+        rows += [(f"{decoder}, {mode}", f"{prefix}{mode}") for mode in CONDITIONINGS]
+        if prefix in better:
+            fix = better[prefix]
+            rows.append((f"{decoder}, concat + {fix} {picks[prefix, fix]:g}",
+                         fix_prefix(prefix, FIXES[fix][1], picks[prefix, fix])))
+    return methods_table(metrics, rows, FOUND_KEYS, digits=2, title="decoder, conditioning")
 
 
 def latent_columns():
@@ -912,14 +981,13 @@ def fixes_tables(metrics):
             latent_differences_table(metrics, fixes_pairs(picks, better), FIXES_KEYS)]
 
 
-def methods_table(metrics, rows, keys=FIXES_KEYS):
+def methods_table(metrics, rows, keys=FIXES_KEYS, digits=3, title="method"):
     """One row per method (label, run-name prefix), one column per measure of keys, each as mean ±
     sd over the seeds."""
-    names = next(iter(metrics.values()))["metrics"]
-    lines = [f"| method, mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
-             + " | ".join(markdown(names[key]["name"]) for key in keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines = [f"| {title}, mean ± sd over seeds {', '.join(map(str, SEEDS))} | "
+             + " | ".join(SHORT[key] for key in keys) + " |", "|---|" + "---:|" * len(keys)]
     for label, prefix in rows:
-        lines.append(f"| {label} | " + " | ".join(mean_sd_cell(seed_values(metrics, prefix, key))
+        lines.append(f"| {label} | " + " | ".join(mean_sd_cell(seed_values(metrics, prefix, key), digits)
                                                  for key in keys) + " |")
     return "\n".join(lines)
 
@@ -938,8 +1006,7 @@ def mechanism_tables(metrics):
 
 def sweep_table(metrics):
     """The fixes' seed-0 sweep: one row per decoder, fix and value, beside the plain concat's seed 0."""
-    names = next(iter(metrics.values()))["metrics"]
-    lines = ["| seed 0, concat | " + " | ".join(markdown(names[key]["name"]) for key in FIXES_KEYS) + " |",
+    lines = ["| seed 0, concat | " + " | ".join(SHORT[key] for key in FIXES_KEYS) + " |",
              "|---|" + "---:|" * len(FIXES_KEYS)]
     for decoder, (prefix, _) in EXPRESSIVE.items():
         rows = [(f"{decoder}, no fix", f"{prefix}concat")]
@@ -997,19 +1064,22 @@ def fidelity_key(metrics):
     return min(("precision", "density"), key=relative_spread)
 
 
-def frontier_table(metrics):
-    """Every frontier point (seed 0): temperature curves, test-time alphas and trained alphas, with
-    their fidelity, confidence and coverage, beside the fidelity and the confidence each
+def frontier_table(metrics, full=False):
+    """The frontier's points (seed 0): temperature curves, test-time alphas and trained alphas, with
+    their fidelity, confidence and coverage, beside the fidelity (and, full, the confidence) each
     conditioning's temperature curve has at the same diversity (linear between its temperatures;
-    distinct digits grow with T along every curve)."""
+    distinct digits grow with T along every curve). The report's (not full) has the temperatures
+    of REPORT_TEMPERATURES only."""
     fidelity = fidelity_key(metrics)
     curves = {(mode, y): [point(metrics[f"{mode}-seed0-T{t:g}"], y=y) for t in TEMPERATURES]
-              for y in (fidelity, "confidence") for mode in ("fixed", "mix-and-match")}
+              for y in (fidelity, "confidence")[:2 if full else 1] for mode in ("fixed", "mix-and-match")}
     header = (f"| model (seed 0) | T | distinct digits | mean distance | {fidelity} | confidence | coverage | "
               + " | ".join(f"{mode}'s {y} at these digits" for mode, y in curves) + " |")
     lines = [header, "|---|" + "---:|" * (6 + len(curves))]
     for name in frontier_points():
         m = metrics[name]
+        if not full and "-seed0-T" in name and m["temperature"] not in REPORT_TEMPERATURES:
+            continue
         label = name.rsplit("-T", 1)[0].replace("-seed0", "").replace("testalpha", "test-time alpha ")
         values = [m["metrics"][key]["model"] for key in ("distinct_digits", "diversity", fidelity, "confidence",
                                                           "coverage")]

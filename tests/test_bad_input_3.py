@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -110,12 +111,13 @@ def test_the_four_gz_files_alone_work_and_a_broken_one_is_named(user, tmp_path):
 def test_a_second_train_py_into_the_same_folder_is_refused_and_a_dead_ones_lock_taken_over(user, tmp_path):
     (tmp_path / "ck").mkdir()
     lock = tmp_path / "ck" / "train.lock"
-    lock.write_text(str(os.getpid()))  # a live train.py holds the folder (this process stands in for it)
+    host = socket.gethostname()
+    lock.write_text(f"{host} {os.getpid()}")  # a live train.py holds the folder (this process stands in for it)
     refused(user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res"),
-            f"another train.py (process {os.getpid()}) is writing checkpoints in 'ck'; wait for it to end, or "
-            f"pass another --checkpoint-dir")
+            f"another train.py (process {os.getpid()} on {host}) is writing checkpoints in 'ck'; wait for it to "
+            f"end, or pass another --checkpoint-dir")
     assert os.listdir(tmp_path / "ck") == ["train.lock"]
-    lock.write_text(str(ended_process_id()))  # valid: the lock of a run that was killed
+    lock.write_text(f"{host} {ended_process_id()}")  # valid: the lock of a run that was killed
     user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res", check=True)
     assert os.listdir(tmp_path / "ck") == ["mix_match_01.pth"]  # and the lock goes with the run
 
@@ -143,17 +145,26 @@ def test_two_writers_of_one_file_each_leave_it_whole():
         os.remove(path)
 
 
-def test_a_reproduction_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
-    lock = tmp_path / "train.lock"
-    lock.write_text(str(ended_process_id()))  # before: "delete the lock if none is running", by hand
-    with reproduce_results.claimed(str(lock), "run") as mine:
-        assert mine and lock.read_text() == str(os.getpid())
+def test_a_lock_names_its_host_and_only_this_hosts_dead_ones_are_taken_over(tmp_path):
+    lock, host = tmp_path / "chain.lock", socket.gethostname()
+    with process_lock(str(lock)) as holder:  # what a lock holds: this host and this process
+        assert holder is None and lock.read_text() == f"{host} {os.getpid()}"
+        with process_lock(str(lock)) as second:  # a second worker of the same process: held
+            assert second == f"process {os.getpid()} on {host}"
     assert not lock.exists()
-    lock.write_text(str(os.getpid()))
-    with reproduce_results.claimed(str(lock), "run") as mine:
-        assert not mine and f"another reproduction (process {os.getpid()}) is on it" in capsys.readouterr().out
+    # another machine sharing the runs folder: its process cannot be seen from here, so never taken over,
+    # even with the id of no process here
+    dead = ended_process_id()
+    lock.write_text(f"other-host {dead}")
     with process_lock(str(lock)) as holder:
-        assert holder == os.getpid()
+        assert holder == f"process {dead} on other-host" and lock.exists()
+    for left in (f"{host} {dead}", str(dead)):  # this host's, and an older version's
+        lock.write_text(left)
+        with process_lock(str(lock)) as holder:
+            assert holder is None and lock.read_text() == f"{host} {os.getpid()}"
+    lock.write_text("")  # being written: held
+    with process_lock(str(lock)) as holder:
+        assert holder == "an unknown process"
 
 
 # ----------------------------------------------------------------------------- a checkout the user cannot write
@@ -213,14 +224,12 @@ def test_the_reproduction_stops_on_ctrl_c_or_a_full_disk_with_one_line(mnist_roo
 
 @pytest.mark.parametrize("content", ["{\"metrics\": {\"kl\": ", "null", "{\"checkpoint\": \"x\"}"])
 def test_a_measurement_json_left_broken_is_measured_again(tmp_path, monkeypatch, capsys, content):
-    args = reproduce_results.argparse.Namespace(runs_dir=str(tmp_path), data_root="data")
+    args = reproduce_results.argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"),
+                                                data_root="data", threads=1)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "m-T1.json").write_text(content)  # cut short, or edited by another tool
-    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
-    (tmp_path / "run" / "checkpoint" / "mix_match_50.pth").write_bytes(b"")
     calls = []
-    monkeypatch.setattr(reproduce_results, "run", lambda what, log, script, *args: calls.append(script))
-    assert reproduce_results.read_measurement(args, "m-T1") is None  # before: json.load's traceback
-    assert reproduce_results.measure(args, "m-T1", "run", [], "[1/1]")
+    monkeypatch.setattr(reproduce_results, "run", lambda args, what, log, script, *rest: calls.append(script) or 1.0)
+    assert reproduce_results.read_json(str(tmp_path / "metrics" / "m-T1.json")) is None  # before: a traceback
+    reproduce_results.measure(args, "m-T1", "run", [])
     assert calls == ["sample.py"] and "its JSON is broken" in capsys.readouterr().out
-

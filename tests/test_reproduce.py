@@ -1,4 +1,4 @@
-"""README's Results tables and frontier figure are built from the metric JSONs of
+"""The report's tables and frontier figure (samples/README.md) are built from the metric JSONs of
 `sample.py --metrics --json` alone (tests/reproduce_results.py): here from hand-made ones, with
 numbers whose means, spreads and crossings are known, and no training."""
 import argparse
@@ -86,13 +86,17 @@ def test_differences_are_findings_only_beyond_twice_the_seed_spread():
 def test_frontier_compares_confidence_at_the_same_diversity():
     assert math.isclose(on_curve([(1.0, 0.9), (2.0, 0.8), (4.0, 0.6)], 3.0), 0.7)
     assert on_curve([(1.0, 0.9), (2.0, 0.8)], 2.5) is None  # outside what the curve spans
-    table = frontier_table(metrics())
+    table = frontier_table(metrics(), full=True)
     # mix-and-match at T = 2: 3 digits at density 0.5 and confidence 0.7; fixed has 3 digits at T = 3,
     # density 0.45 and confidence 0.6
     assert table.splitlines()[0].startswith("| model (seed 0) | T | distinct digits | mean distance | density |")
     assert ("| mix-and-match | 2 | 3.000 | 4.300 | 0.500 | 0.700 | 0.300 | 0.450 | 0.500 | 0.600 | 0.700 |"
             in table.splitlines())
     assert "| mix-and-match-test-time alpha 96 | 1.5 |" in table
+    # the report's: the fidelity curves only, at fewer temperatures (samples/tables/frontier.md has the rest)
+    report = frontier_table(metrics()).splitlines()
+    assert "| mix-and-match | 2 | 3.000 | 4.300 | 0.500 | 0.700 | 0.300 | 0.450 | 0.500 |" in report
+    assert len(report[0].split(" | ")) == 9 and not any(line.startswith("| fixed | 1.25 |") for line in report)
 
 
 def test_the_fidelity_axis_is_the_measure_that_varies_less_between_seeds():
@@ -176,14 +180,25 @@ def fix_measurement(name):
                         for key, value in values.items()}}
 
 
+def write_records(folder, measured):
+    """A record per run of the {measurement: metrics JSON} given, as the reproduction writes them."""
+    folder.mkdir(exist_ok=True)
+    for name, metrics in measured.items():
+        run = name.rsplit("-T", 1)[0]
+        path = folder / f"{run}.json"
+        record = json.loads(path.read_text()) if path.exists() else {
+            "run": run, "train": None, "config": {}, "history": [], "measurements": {}, "commit": "c",
+            "torch": "t", "cpu": "cpu", "cpu_capability": "AVX2", "threads": 1}
+        record["measurements"][name] = {"flags": [], "seconds": 1.0, "metrics": metrics}
+        path.write_text(json.dumps(record))
+
+
 def measure_all(tmp_path, names):
-    for name in names:
-        (tmp_path / "metrics" / f"{name}.json").write_text(json.dumps(fix_measurement(name)))
+    write_records(tmp_path / "records", {name: fix_measurement(name) for name in names})
 
 
 def test_fixes_runs_follow_the_sweep_then_the_seeds_of_the_fixes(tmp_path):
-    args = argparse.Namespace(runs_dir=str(tmp_path))
-    (tmp_path / "metrics").mkdir()
+    args = argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"))
     todo = measurements("fixes", args)
     sweep = [name for name in todo if re.search("-(fb|hd)", name)]
     assert len(sweep) == 12 and all(name.endswith("-seed0-T1") for name in sweep)  # 2 decoders x 2 fixes x 3
@@ -207,8 +222,7 @@ def test_fixes_runs_follow_the_sweep_then_the_seeds_of_the_fixes(tmp_path):
 
 
 def test_fixes_tables_from_hand_made_runs(tmp_path):
-    args = argparse.Namespace(runs_dir=str(tmp_path))
-    (tmp_path / "metrics").mkdir()
+    args = argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"))
     for _ in range(3):  # the sweep, then the seeds, then mix-and-match with the better fix
         measure_all(tmp_path, measurements("fixes", args))
     made = {name: fix_measurement(name) for name in measurements("fixes", args)}
@@ -219,8 +233,8 @@ def test_fixes_tables_from_hand_made_runs(tmp_path):
     assert better == {"ar-": "history dropout", "rnn-": "history dropout"}
     methods, sweep, differences = fixes_tables(made)
     lines = methods.splitlines()
-    assert lines[0] == "| method, mean ± sd over seeds 0, 1, 2 | " + " | ".join(
-        key.replace("_", " ") for key in FIXES_KEYS) + " |"
+    assert lines[0] == ("| method, mean ± sd over seeds 0, 1, 2 | KL (nats) | active units | z alone | diversity | "
+                        "IW NLL (nats) | precision | coverage | Fréchet |")
     # KL 5 + seed: mean 6, sd 1; diversity from z 2 - 0.25 + seed: mean 2.75
     assert lines[2 + 4].startswith("| autoregressive, concat + history dropout 0.25 | 6.000 ± 1.000 | 3.000 ± 0.000 "
                                    "| 2.750 ± 1.000 |")
@@ -287,8 +301,8 @@ def test_mechanism_runs_go_through_one_side_random_into_their_tables():
     todo = measurements("mechanism")
     assert len(todo) == 2 * 4 * 3  # 2 decoders x (2 one-side variants, mix-and-match, fixed) x 3 seeds
     assert {"ar-random-decoder-seed2-T1", "rnn-random-encoder-seed0-T1", "rnn-fixed-seed1-T1"} <= set(todo)
-    assert through("rnn-random-encoder-seed0", "sample.py") == ("tests/one_side_random.py", "encoder", "sample.py")
-    assert through("rnn-mix-and-match-seed0", "train.py") == ("train.py",)
+    assert through("rnn-random-encoder-seed0", "sample.py") == ["tests/one_side_random.py", "encoder", "sample.py"]
+    assert through("rnn-mix-and-match-seed0", "train.py") == ["train.py"]
     kl = {"mix-and-match": 1.0, "random-decoder": 2.0, "random-encoder": 5.0, "fixed": 6.0}
     made = {}
     for name in todo:

@@ -1,0 +1,157 @@
+"""The reproduction's records (tests/reproduce_results.py): a tiny reproduction trains, measures
+and records its runs with two workers, --verify trains one again and compares, and --tables
+writes the documents' tables from records alone, or says which it cannot."""
+import json
+import sys
+
+import pytest
+
+import reproduce_results
+from test_reproduce import write_records
+
+TINY = {"tiny-seed0": ([], 1, None), "tiny-seed0-long": ([], 2, "tiny-seed0"), "tiny-seed1": (["--seed", "1"], 1, None)}
+TINY_MEASURES = {"tiny-seed0-T1": ("tiny-seed0", []), "tiny-seed0-long-T1": ("tiny-seed0-long", []),
+                 "tiny-seed1-T1": ("tiny-seed1", []), "tiny-seed1-T2": ("tiny-seed1", ["--temperature", "2"])}
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path, mnist_root):
+    """reproduce_results with a plan of three tiny runs (one continued), measured with few images,
+    its runs and records in tmp_path: main(*flags) -> its exit code."""
+    monkeypatch.setattr(reproduce_results, "plan", lambda args, sections: (TINY, TINY_MEASURES))
+    monkeypatch.setattr(reproduce_results, "EPOCHS", 1)
+    monkeypatch.setattr(reproduce_results, "LONG_EPOCHS", 2)
+    monkeypatch.setattr(reproduce_results, "MEASURE_FLAGS", ["--n-eval", "20", "--n-samples", "4", "--n-importance",
+                                                             "4", "--cache-dir", str(tmp_path / "cache")])
+    documents = []
+    monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: documents.append(1))
+
+    def main(*flags):
+        monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--data-root", mnist_root, "--runs-dir",
+                                          str(tmp_path / "runs"), "--records-dir", str(tmp_path / "records"), *flags])
+        with pytest.raises(SystemExit) as e:
+            reproduce_results.main()
+        return e.value.code
+    main.documents = documents
+    return main
+
+
+def read(tmp_path, run):
+    return json.loads((tmp_path / "records" / f"{run}.json").read_text())
+
+
+def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_path, capsys):
+    assert tiny("--jobs", "2") in (None, 0)
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == sorted(f"{run}.json" for run in TINY)
+    assert out.count("training tiny-seed0\n") == 1 and "3/3 runs recorded" in out and tiny.documents == [1]
+    long = read(tmp_path, "tiny-seed0-long")
+    assert long["train"] == {"script": ["train.py"], "flags": [], "epochs": 2, "continues": "tiny-seed0",
+                             "first_epoch": 2, "seconds": long["history"][1]["seconds"]}
+    assert [h["epoch"] for h in long["history"]] == [1, 2] and long["threads"] == 1 and long["cpu"]
+    assert long["commit"] and long["torch"] and long["cpu_capability"]
+    seed1 = read(tmp_path, "tiny-seed1")
+    assert list(seed1["measurements"]) == ["tiny-seed1-T1", "tiny-seed1-T2"]
+    measured = seed1["measurements"]["tiny-seed1-T2"]
+    assert measured["flags"][:2] == ["--temperature", "2"] and measured["seconds"] > 0
+    sample_json = json.loads((tmp_path / "runs" / "metrics" / "tiny-seed1-T2.json").read_text())
+    assert measured["metrics"] == sample_json and sample_json["temperature"] == 2  # exactly as sample.py wrote it
+
+    assert tiny() in (None, 0) and "training" not in capsys.readouterr().out  # all recorded: nothing again
+    # the continued run again from nothing, on this machine: equal to its record, bit for bit
+    assert tiny("--verify", "tiny-seed0-long") == 0
+    out = capsys.readouterr().out
+    assert "training tiny-seed0\n" in out and "tiny-seed0-long agrees with its record bit for bit" in out
+    # a record that the run does not give (what --verify compares the run measured again with)
+    again, record = read(tmp_path, "tiny-seed0-long"), read(tmp_path, "tiny-seed0-long")
+    record["measurements"]["tiny-seed0-long-T1"]["metrics"]["metrics"]["kl"]["model"] += 1e-6
+    record["history"][0]["test_loss"] += 1
+    assert reproduce_results.compare(record, again, {}) == 1
+    assert "does not agree with its record: history, tiny-seed0-long-T1 kl" in capsys.readouterr().out
+    assert tiny("--verify", "tiny-seed7") == ("error: no record of a run named 'tiny-seed7'; the runs recorded: "
+                                              "tiny-seed0, tiny-seed0-long, tiny-seed1")
+
+
+def hand_made(run, kl, cpu="Intel", capability="AVX512", torch_version="2.14.1"):
+    return {"run": run, "train": None, "config": {}, "history": [{"epoch": 1, "test_loss": 80.0, "seconds": 1.0}],
+            "commit": "c", "torch": torch_version, "cpu": cpu, "cpu_capability": capability, "threads": 1,
+            "measurements": {f"{run}-T1": {"flags": [], "seconds": 1.0, "metrics": {"metrics": {
+                "kl": {"name": "KL", "model": kl, "real_top": None},
+                "diversity_sampling": {"name": "n/a here", "model": None, "real_top": None}}}}}}
+
+
+def test_on_another_cpu_kind_verify_allows_each_measure_twice_its_seed_spread(capsys):
+    records = {f"mix-and-match-seed{s}": hand_made(f"mix-and-match-seed{s}", kl) for s, kl in enumerate((10, 11, 12))}
+    # seeds 10, 11, 12: sd 1, so a run of the family agrees within 2 of its record
+    again = hand_made("mix-and-match-seed0", 11.9, cpu="AMD", capability="AVX2")
+    assert reproduce_results.compare(records["mix-and-match-seed0"], again, records) == 0
+    assert "every measure within twice its seed spread" in capsys.readouterr().out
+    again["measurements"]["mix-and-match-seed0-T1"]["metrics"]["metrics"]["kl"]["model"] = 12.1
+    assert reproduce_results.compare(records["mix-and-match-seed0"], again, records) == 1
+    assert "does not agree with its record: mix-and-match-seed0-T1 kl" in capsys.readouterr().out
+    # a run without seeds of its own (a trained alpha) is judged by its conditioning's seeds
+    records["mix-and-match-alpha16"] = hand_made("mix-and-match-alpha16", 5.0)
+    again = hand_made("mix-and-match-alpha16", 6.5, torch_version="2.15.0")
+    assert reproduce_results.compare(records["mix-and-match-alpha16"], again, records) == 0
+    # the same kind: equal or not at all
+    again = hand_made("mix-and-match-alpha16", 5.0 + 1e-9)
+    assert reproduce_results.compare(records["mix-and-match-alpha16"], again, records) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{\"run\": ", "cannot be read (JSONDecodeError)"),
+    ("[]", "is not one of this reproduction's (no run, train, config"),
+    (json.dumps({**hand_made("x", 1.0), "run": "y"}), "is not one of this reproduction's (the run 'y')"),
+    (json.dumps({**hand_made("x", 1.0), "measurements": {"x-T1": {"metrics": None}}}),
+     "(a measurement that is not sample.py's metrics JSON)"),
+])
+def test_a_broken_record_is_named_in_one_line_before_any_work(tmp_path, content, message):
+    (tmp_path / "x.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        reproduce_results.read_records(str(tmp_path))
+    assert f"error: the record {tmp_path / 'x.json'} " in e.value.code and message in e.value.code
+    assert "restore it with git checkout, or delete it" in e.value.code
+
+
+DOCUMENT = """# Results
+<!-- table seeds -->
+stale
+<!-- /table -->
+Text that stays.
+<!-- table mechanism -->
+stale
+<!-- /table -->
+"""
+
+
+def test_tables_are_written_from_the_records_pending_where_a_section_is_not_recorded(tmp_path, monkeypatch, capsys):
+    from test_reproduce import metrics  # hand-made measurements of section "results"
+
+    (tmp_path / "samples").mkdir()
+    for document in ("README.md", "samples/README.md"):
+        (tmp_path / document).write_text(DOCUMENT)
+    monkeypatch.setattr(reproduce_results, "DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setattr(reproduce_results, "figures", dict)
+    write_records(tmp_path / "records", metrics())
+    records = str(tmp_path / "records")
+    assert reproduce_results.write_documents(records, check=True) == 1  # stale tables
+    assert "README.md: its tables differ from what the records give" in capsys.readouterr().out
+    assert reproduce_results.write_documents(records) == 0
+    out = capsys.readouterr().out
+    assert "section mechanism: 24 measurements not recorded yet (ar-random-decoder-seed0-T1" in out
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("# Results\n<!-- table seeds -->\n| metric (per test image), mean ± sd over seeds 0, 1, 2 |")
+    assert "<!-- /table -->\nText that stays.\n<!-- table mechanism -->\n*Pending: measurements not recorded yet " \
+           "(24 of section mechanism);" in text
+    assert (tmp_path / "samples" / "tables" / "seed_differences.md").read_text().startswith("| metric | mix-and-match")
+    assert (tmp_path / "samples" / "tables" / "mechanism_differences.md").read_text().startswith("*Pending: ")
+    assert reproduce_results.write_documents(records, check=True) == 0  # as the records give
+    (tmp_path / "README.md").write_text(text.replace("| 74.000 ± 1.000 |", "| 74.001 ± 1.000 |"))  # edited by hand
+    assert reproduce_results.write_documents(records, check=True) == 1
+    (tmp_path / "README.md").write_text(text + "<!-- table nonsense -->\n<!-- /table -->\n")
+    with pytest.raises(SystemExit, match="a table marker of no table of this reproduction: nonsense"):
+        reproduce_results.write_documents(records)
+
+
+def test_the_committed_documents_are_what_the_committed_records_give(capsys):
+    assert reproduce_results.write_documents(reproduce_results.RECORDS, check=True) == 0, capsys.readouterr().out
