@@ -388,7 +388,8 @@ def provenance(records, records_dir):
     if not records:
         return "*No run is recorded yet.*"
     def counted(key):
-        values = [record[key] for record in records.values()]
+        values = [record[key][:7] + record[key][40:] if key == "commit" and record[key] else record[key]
+                  for record in records.values()]  # a commit's short name, and "+uncommitted" if it says so
         return ", ".join(f"{value} ({values.count(value)})" for value in sorted(set(values), key=str))
     hours, counted_runs = [], set()
     for section in REPORT_ORDER:  # a run shared by two sections counts in the first
