@@ -19,6 +19,7 @@ import torch.serialization
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from conftest import run_script
 from model import MixAndMatchCVAE, ModelConfig
 from sample import completion_grid, evaluation_metrics
 from train import evaluate, restore_training_state, train_epoch
@@ -234,3 +235,9 @@ def test_float32_unless_tf32_is_asked_for_and_determinism_on_request(trained, us
         assert cudnn.conv.fp32_precision == precision and torch.are_deterministic_algorithms_enabled() is deterministic
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does")
+def test_the_gpu_check_says_there_is_no_gpu_here(tmp_path):
+    result = run_script("tests/gpu_check.py", "--data-root", tmp_path, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "no GPU here" in result.stdout and not result.stderr

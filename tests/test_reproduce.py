@@ -20,6 +20,7 @@ from reproduce_results import (
     differences_table,
     fidelity_key,
     fixes_tables,
+    found_table,
     frontier_table,
     latent_columns,
     latent_differences_table,
@@ -320,3 +321,21 @@ def test_mechanism_runs_go_through_one_side_random_into_their_tables():
     columns, rows = lines[0].split(" | "), {line.split(" | ")[0]: line.split(" | ") for line in lines}
     assert rows["| kl"][columns.index("recurrent random-decoder − recurrent mix-and-match")] == "+1.000 (2.000)"
     assert rows["| kl"][columns.index("recurrent random-encoder − recurrent mix-and-match")] == "+4.000 (2.000, yes)"
+
+
+def test_readmes_table_has_each_decoders_conditionings_and_the_fix_that_won(tmp_path):
+    args = argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"))
+    for _ in range(3):
+        measure_all(tmp_path, measurements("fixes", args))
+    made = {name: fix_measurement(name) for name in [*measurements("fixes", args), *measurements("latent-use")]}
+    lines = found_table(made).splitlines()
+    assert lines[0] == ("| decoder, conditioning, mean ± sd over seeds 0, 1, 2 | KL (nats) | z alone | "
+                        "Sampling alone | diversity | IW NLL (nats) | coverage | Fréchet |")  # 8 columns
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| MLP, mix-and-match", "| MLP, fixed", "| MLP, concat",
+        "| autoregressive, mix-and-match", "| autoregressive, fixed", "| autoregressive, concat",
+        "| autoregressive, concat + history dropout 0.25",
+        "| recurrent, mix-and-match", "| recurrent, fixed", "| recurrent, concat",
+        "| recurrent, concat + history dropout 0.25"]
+    # autoregressive concat with history dropout 0.25: KL 5 + seed, diversity from z 2 - 0.25 + seed
+    assert lines[2 + 6].startswith("| autoregressive, concat + history dropout 0.25 | 6.00 ± 1.00 | 2.75 ± 1.00 |")
