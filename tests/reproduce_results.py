@@ -186,6 +186,9 @@ def reproduce(args):
                 do_chain(args, *job, t0)
             except BaseException as e:  # noqa: BLE001 (a failed script's SystemExit, say): the other workers stop
                 failures.append(e)
+                if args.jobs > 1:
+                    print(f"{e}\nthe other workers finish the runs they are on, then the reproduction stops",
+                          flush=True)
             finally:
                 with guard:
                     busy[0] -= 1
@@ -242,10 +245,9 @@ def progress(args, trainings, measures, t0):
                 h["seconds"] for h in record["history"][first - 1:])
         measure_seconds += [m["seconds"] for m in record["measurements"].values() if m["seconds"] is not None]
     done = f"{len(runs) - len(left)}/{len(runs)} runs recorded, {format_seconds(time.time() - t0)} so far"
-    estimate = 0.0
     if not epoch_seconds:
         return done
-    rough = False
+    estimate, rough = 0.0, False
     for name in left:
         if name in trainings:
             _, epochs, start = trainings[name]
