@@ -871,8 +871,7 @@ def seed_table(metrics):
     for key, row in shipped.items():
         cells = [mean_sd_cell(seed_values(metrics, mode, key)) for mode in MODES]
         real = "" if row["real_top"] is None else f"{row['real_top']:.3f}"
-        value = f"{row['model']:d}" if isinstance(row["model"], int) else f"{row['model']:.3f}"
-        lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + f" | {real} | {value} |")
+        lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + f" | {real} | {cell(row['model'])} |")
     return "\n".join(lines)
 
 

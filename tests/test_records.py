@@ -1,7 +1,9 @@
 """The reproduction's records (tests/reproduce_results.py): a tiny reproduction trains, measures
 and records its runs with two workers, --verify trains one again and compares, and --tables
 writes the documents' tables from records alone, or says which it cannot."""
+import argparse
 import json
+import shutil
 import sys
 
 import pytest
@@ -155,3 +157,52 @@ def test_tables_are_written_from_the_records_pending_where_a_section_is_not_reco
 
 def test_the_committed_documents_are_what_the_committed_records_give(capsys):
     assert reproduce_results.write_documents(reproduce_results.RECORDS, check=True) == 0, capsys.readouterr().out
+
+
+def every_measurement(name, flags):
+    """A hand-made metrics JSON with every measure of sample.py, for any measurement of the plan:
+    values that vary with the seed (so every sd is defined), the fixes' sweep decided by them."""
+    seed = int(name.split("seed")[1][0]) if "seed" in name else 0
+    keys = [*reproduce_results.LATENT_KEYS, "recall", "best_of_k", "mean_distance", "confident_share",
+            "inception_score", "rec_bce", "mm_coverage"]
+    fix = name.split("-hd")[1].split("-")[0] if "-hd" in name else "0"
+    values = {key: 1.0 + seed + float(fix) for key in keys}
+    values["diversity_sampling"] = values["diversity_sampling"] if "mix-and-match" in name else None
+    temperature = float(flags[flags.index("--temperature") + 1]) if "--temperature" in flags else 1.0
+    values["distinct_digits"] = temperature + seed / 10
+    return {"temperature": temperature, "metrics": {key: {"name": key.replace("_", " "), "model": value,
+                                                          "real_top": 0.5} for key, value in values.items()}}
+
+
+def test_every_table_fits_its_document(tmp_path, monkeypatch):
+    """README's tables have at most 8 columns, the report's at most 9 (the wide matrices are files of
+    their own), once every section is recorded: here from hand-made records of the whole plan."""
+    args = argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"))
+    for _ in range(3):  # the fixes' sweep, then its seeds, then mix-and-match with the better fix
+        planned = {m: flags for section in reproduce_results.SECTIONS
+                   for m, (_, flags) in reproduce_results.measurements(section, args).items()}
+        write_records(tmp_path / "records", {m: every_measurement(m, flags) for m, flags in planned.items()})
+    records = reproduce_results.read_records(args.records_dir)
+    metrics = reproduce_results.recorded_measurements(args.records_dir)
+    with open(f"{reproduce_results.REPO}/README.md") as f:
+        in_readme = {name for _, name, _, _ in reproduce_results.TABLE.findall(f.read())}
+    for name, (_, make) in reproduce_results.tables(args.records_dir).items():
+        widest = max((line.count(" | ") + 1 for line in make(metrics, records).splitlines() if line.startswith("| ")),
+                     default=0)
+        assert widest <= (8 if name in in_readme else 9), name
+    assert in_readme == {"found"}
+
+    # and --tables writes every one into the documents, and every figure, from these records alone
+    for path in (tmp_path / "records").iterdir():
+        record = json.loads(path.read_text())
+        record["history"] = [{"epoch": e, "train_rec": 80.0 - e, "train_kl": 10.0, "kl_weight": 0.5,
+                              "test_loss": 90.0 - e, "seconds": 1.0} for e in (1, 2)]
+        path.write_text(json.dumps(record))
+    (tmp_path / "samples").mkdir()
+    for document in reproduce_results.DOCUMENTS:
+        shutil.copyfile(f"{reproduce_results.REPO}/{document}", tmp_path / document)
+    monkeypatch.setattr(reproduce_results, "DOCUMENT_ROOT", str(tmp_path))
+    assert reproduce_results.write_documents(args.records_dir) == 0
+    for document in [*reproduce_results.DOCUMENTS, *(f"samples/{name}" for name in reproduce_results.table_files())]:
+        assert "Pending" not in (tmp_path / document).read_text(), document
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == sorted(reproduce_results.figures())
