@@ -686,6 +686,8 @@ def ensure_trained(args, name, trainings):
         *through(name, "train.py"), "--data-root", args.data_root, "--checkpoint-dir",
         os.path.join(folder, "checkpoint"), "--results-dir", os.path.join(folder, "results"), "--epochs", str(epochs),
         *flags, *(["--resume", resume] if resume else []))
+    # what it trained on, for its record, which a machine sharing the runs folder may write
+    save_json(environment(args.threads), os.path.join(folder, "environment.json"))
 
 
 def measure(args, name, run_name, flags):
@@ -707,12 +709,7 @@ def measure(args, name, run_name, flags):
 def read_json(path):
     """The measurement's JSON as sample.py wrote it, or None if it is missing or was left broken
     (cut short, edited by another tool)."""
-    try:
-        with open(path) as f:
-            measurement = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return metrics_json(measurement)
+    return metrics_json(read_json_file(path))
 
 
 def metrics_json(measurement):
@@ -765,14 +762,23 @@ def write_record(args, name, trainings, own):
         "measurements": {m: {"flags": flags,
                              "seconds": read_seconds(os.path.join(folder, f"{m}.seconds.json")),
                              "metrics": read_json(os.path.join(folder, f"{m}.json"))} for m, flags in own.items()},
-        **environment(args.threads),
+        # the machine that trained the run (another one sharing the runs folder, say), else this one
+        **(trained_on if isinstance(trained_on := read_json_file(os.path.join(args.runs_dir, name, "environment.json")),
+                                  dict) else environment(args.threads)),
     }
     save_json(record, os.path.join(args.records_dir, f"{name}.json"), indent=1)
 
 
 def read_seconds(path):
-    with contextlib.suppress(OSError, ValueError, TypeError), open(path) as f:
-        return float(json.load(f))
+    with contextlib.suppress(TypeError, ValueError):
+        return float(read_json_file(path))
+    return None
+
+
+def read_json_file(path):
+    """What the JSON file holds, or None where it is missing or broken."""
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
+        return json.load(f)
     return None
 
 

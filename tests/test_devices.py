@@ -7,9 +7,10 @@ cross devices) sit on more than one device is the bug a GPU user would meet. Ops
 (`.item()`, which on a GPU makes the CPU wait for the GPU) end a run; the ops before them have
 been checked.
 
-The recorder also counts what makes the CPU wait for the GPU on CUDA without mixing devices: a
-copy from the CPU to the device, and a Python number assigned through indexing (`t[i] = True`: on
-CUDA, torch makes the number a CPU tensor and index_put_ copies it over). A training step, an
+The recorder also counts what makes the CPU wait for the GPU on CUDA without mixing devices: a CPU
+tensor, 0-dim scalars included, fed to an op on the device or copied there, and a Python number
+assigned through indexing (`t[i] = True`: on CUDA, torch makes the number a CPU tensor and
+index_put_ copies it over). A training step, an
 evaluation and a sampling call must make none, so that CUDA queues their work without waiting."""
 import os
 
@@ -37,7 +38,6 @@ from utils import (
 
 META = torch.device("meta")
 ITEM = ("aten._local_scalar_dense.default", "aten.item.default")  # .item(), as no_grad and inference_mode dispatch it
-COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)  # .to(device), and copy_ into a tensor
 # t[i] = number: on CUDA, torch makes the number a CPU tensor, which index_put_ copies over
 INDEXED_ASSIGNMENT = (torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)
 
@@ -56,8 +56,10 @@ class DeviceMixRecorder(TorchDispatchMode):
         if len(devices) > 1:
             self.mixed.append(f"{func} on {sorted(devices)}")
         result = func(*args, **(kwargs or {}))
-        copied_over = func in COPIES and args[0].device.type == "cpu" and result.device != args[0].device
-        if copied_over or func in INDEXED_ASSIGNMENT and args[2].dim() == 0:
+        # a CPU tensor, of any size, fed to an op on the device or copied there
+        every = [t for t in tree_flatten((args, kwargs or {}, result))[0] if isinstance(t, torch.Tensor)]
+        cpu_fed = {t.device.type for t in every} > {"cpu"}
+        if cpu_fed or func in INDEXED_ASSIGNMENT and args[2].dim() == 0:
             self.transfers.append(str(func))
         return result
 

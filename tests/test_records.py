@@ -60,6 +60,15 @@ def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_p
     assert measured["metrics"] == sample_json and sample_json["temperature"] == 2  # exactly as sample.py wrote it
 
     assert tiny() in (None, 0) and "training" not in capsys.readouterr().out  # all recorded: nothing again
+    # another machine sharing the runs folder trained tiny-seed1; this one writes its record, with that
+    # machine's provenance, and trains and measures nothing
+    environment = json.loads((tmp_path / "runs" / "tiny-seed1" / "environment.json").read_text())
+    assert environment == {key: seed1[key] for key in ("commit", "torch", "cpu", "cpu_capability", "threads")}
+    (tmp_path / "runs" / "tiny-seed1" / "environment.json").write_text(json.dumps({**environment, "cpu": "Other"}))
+    (tmp_path / "records" / "tiny-seed1.json").unlink()
+    assert tiny() in (None, 0)
+    out = capsys.readouterr().out
+    assert "training" not in out and "measuring" not in out and read(tmp_path, "tiny-seed1")["cpu"] == "Other"
     # the continued run again from nothing, on this machine: equal to its record, bit for bit
     assert tiny("--verify", "tiny-seed0-long") == 0
     out = capsys.readouterr().out
