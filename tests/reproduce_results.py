@@ -82,6 +82,7 @@ REPORT_ORDER = ("results", "latent-use", "recurrent", "mechanism", "fixes")  # t
 
 
 RECORDS = os.path.join(REPO, "samples", "records")
+PLAN_AGAIN_SECONDS = 5  # how often an idle worker looks for runs that a running chain's records have added
 # sample.py flags added to every measurement: none, the report's measures (the tests' tiny runs: fewer)
 MEASURE_FLAGS = []
 # the seed-0 completion grids of the report, copied into samples/ as each is measured:
@@ -178,7 +179,7 @@ def reproduce(args):
                     return left[0], trainings, measures
                 if not busy[0]:  # a running chain of this process may still add runs (the fixes' seeds)
                     return None
-            time.sleep(5)
+            time.sleep(PLAN_AGAIN_SECONDS)
 
     def worker():
         while (job := next_chain()) is not None:
@@ -193,12 +194,15 @@ def reproduce(args):
                 with guard:
                     busy[0] -= 1
 
-    workers = [threading.Thread(target=worker, daemon=True) for _ in range(args.jobs)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        while thread.is_alive():
-            thread.join(1)  # in steps, so that Ctrl-C reaches this thread
+    if args.jobs == 1:
+        worker()
+    else:
+        workers = [threading.Thread(target=worker, daemon=True) for _ in range(args.jobs)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            while thread.is_alive():
+                thread.join(1)  # in steps, so that Ctrl-C reaches this thread
     if failures:
         raise failures[0]
     trainings, measures = plan(args, sections)

@@ -2,11 +2,18 @@
 and records its runs with two workers, --verify trains one again and compares, and --tables
 writes the documents' tables from records alone, or says which it cannot."""
 import argparse
+import contextlib
 import json
+import os
+import runpy
 import shutil
+import signal
 import sys
+import threading
+import time
 
 import pytest
+import torch
 
 import reproduce_results
 from test_reproduce import write_records
@@ -19,14 +26,28 @@ TINY_MEASURES = {"tiny-seed0-T1": ("tiny-seed0", []), "tiny-seed0-long-T1": ("ti
 @pytest.fixture
 def tiny(monkeypatch, tmp_path, mnist_root):
     """reproduce_results with a plan of three tiny runs (one continued), measured with few images,
-    its runs and records in tmp_path: main(*flags) -> its exit code."""
+    its runs and records in tmp_path, train.py and sample.py run in this process (no torch import
+    each): main(*flags) -> its exit code; main.threads, the --threads each script was run with."""
     monkeypatch.setattr(reproduce_results, "plan", lambda args, sections: (TINY, TINY_MEASURES))
     monkeypatch.setattr(reproduce_results, "EPOCHS", 1)
     monkeypatch.setattr(reproduce_results, "LONG_EPOCHS", 2)
     monkeypatch.setattr(reproduce_results, "MEASURE_FLAGS", ["--n-eval", "20", "--n-samples", "4", "--n-importance",
                                                              "4", "--cache-dir", str(tmp_path / "cache")])
-    documents = []
+    documents, threads = [], []
     monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: documents.append(1))
+
+    def in_process(args, what, log, script, *script_args):
+        print(what)
+        threads.append(args.threads)
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        handler = signal.getsignal(signal.SIGTERM)  # train.py installs its own
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            monkeypatch.setattr(sys, "argv", [script, *script_args])
+            with contextlib.suppress(SystemExit):
+                runpy.run_path(os.path.join(reproduce_results.REPO, script), run_name="__main__")
+        signal.signal(signal.SIGTERM, handler)
+        return 1.0
+    monkeypatch.setattr(reproduce_results, "run", in_process)
 
     def main(*flags):
         monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--data-root", mnist_root, "--runs-dir",
@@ -34,7 +55,7 @@ def tiny(monkeypatch, tmp_path, mnist_root):
         with pytest.raises(SystemExit) as e:
             reproduce_results.main()
         return e.value.code
-    main.documents = documents
+    main.documents, main.threads = documents, threads
     return main
 
 
@@ -43,19 +64,19 @@ def read(tmp_path, run):
 
 
 def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_path, capsys):
-    assert tiny("--jobs", "2") in (None, 0)
+    assert tiny("--threads", "3") in (None, 0)
     out = capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == sorted(f"{run}.json" for run in TINY)
     assert out.count("training tiny-seed0\n") == 1 and "3/3 runs recorded" in out and tiny.documents == [1]
     long = read(tmp_path, "tiny-seed0-long")
     assert long["train"] == {"script": ["train.py"], "flags": [], "epochs": 2, "continues": "tiny-seed0",
                              "first_epoch": 2, "seconds": long["history"][1]["seconds"]}
-    assert [h["epoch"] for h in long["history"]] == [1, 2] and long["threads"] == 1 and long["cpu"]
+    assert [h["epoch"] for h in long["history"]] == [1, 2] and long["threads"] == 3 and long["cpu"]
     assert long["commit"] and long["torch"] and long["cpu_capability"]
     seed1 = read(tmp_path, "tiny-seed1")
     assert list(seed1["measurements"]) == ["tiny-seed1-T1", "tiny-seed1-T2"]
     measured = seed1["measurements"]["tiny-seed1-T2"]
-    assert measured["flags"][:2] == ["--temperature", "2"] and measured["seconds"] > 0
+    assert measured["flags"][:2] == ["--temperature", "2"] and measured["seconds"] == 1.0
     sample_json = json.loads((tmp_path / "runs" / "metrics" / "tiny-seed1-T2.json").read_text())
     assert measured["metrics"] == sample_json and sample_json["temperature"] == 2  # exactly as sample.py wrote it
 
@@ -69,10 +90,13 @@ def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_p
     assert tiny() in (None, 0)
     out = capsys.readouterr().out
     assert "training" not in out and "measuring" not in out and read(tmp_path, "tiny-seed1")["cpu"] == "Other"
-    # the continued run again from nothing, on this machine: equal to its record, bit for bit
+    # the continued run again from nothing, on this machine: equal to its record, bit for bit, and
+    # trained and measured with the record's thread count
+    tiny.threads.clear()
     assert tiny("--verify", "tiny-seed0-long") == 0
     out = capsys.readouterr().out
     assert "training tiny-seed0\n" in out and "tiny-seed0-long agrees with its record bit for bit" in out
+    assert tiny.threads == [3, 3, 3]
     # a record that the run does not give (what --verify compares the run measured again with)
     again, record = read(tmp_path, "tiny-seed0-long"), read(tmp_path, "tiny-seed0-long")
     record["measurements"]["tiny-seed0-long-T1"]["metrics"]["metrics"]["kl"]["model"] += 1e-6
@@ -215,3 +239,37 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
     for document in [*reproduce_results.DOCUMENTS, *(f"samples/{name}" for name in reproduce_results.table_files())]:
         assert "Pending" not in (tmp_path / document).read_text(), document
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == sorted(reproduce_results.figures())
+
+
+def test_two_workers_share_the_chains_and_a_continuation_follows_its_run(tiny, tmp_path, monkeypatch, capsys):
+    """--jobs 2 with a stand-in for train.py and sample.py that writes what they would: each chain
+    once, the continued run by the worker that trained the run it continues, right after it."""
+    events = []
+
+    def stand_in(args, what, log, script, *script_args):
+        flags = list(script_args)
+        if "--checkpoint-dir" in flags:  # train.py: a checkpoint at --epochs, its history continued
+            folder, epochs = flags[flags.index("--checkpoint-dir") + 1], int(flags[flags.index("--epochs") + 1])
+            before = torch.load(flags[flags.index("--resume") + 1])["history"] if "--resume" in flags else []
+            history = before + [{"epoch": e, "seconds": 0.01} for e in range(len(before) + 1, epochs + 1)]
+            os.makedirs(folder, exist_ok=True)
+            torch.save({"history": history, "config": {"decoder": "mlp"}}, f"{folder}/mix_match_{epochs:02d}.pth")
+        else:  # sample.py --metrics --json PATH
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(flags[flags.index("--json") + 1], "w") as f:
+                json.dump({"metrics": {}}, f)
+        events.append((threading.current_thread().name, what))
+        time.sleep(0.1)  # so that both workers are busy at once
+        return 0.01
+    monkeypatch.setattr(reproduce_results, "run", stand_in)
+    monkeypatch.setattr(reproduce_results, "PLAN_AGAIN_SECONDS", 0.05)
+    assert tiny("--jobs", "2") in (None, 0)
+    assert "3/3 runs recorded" in capsys.readouterr().out
+    trained = [(worker, what) for worker, what in events if what.startswith("training")]
+    assert sorted(what.split(",")[0] for _, what in trained) == sorted(f"training {run}" for run in TINY)  # once each
+    assert len({worker for worker, _ in events}) == 2
+    first = next(worker for worker, what in trained if what == "training tiny-seed0")
+    chain = [what for worker, what in events if worker == first]
+    assert chain.index("training tiny-seed0") < chain.index("measuring tiny-seed0-T1") < next(
+        i for i, what in enumerate(chain) if what.startswith("training tiny-seed0-long"))
+    assert read(tmp_path, "tiny-seed0-long")["train"]["first_epoch"] == 2
