@@ -20,7 +20,6 @@ import torch.serialization
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import run_script
 from model import MixAndMatchCVAE, ModelConfig
 from sample import completion_grid, evaluation_metrics
 from train import evaluate, restore_training_state, train_epoch
@@ -241,6 +240,6 @@ def test_float32_unless_tf32_is_asked_for_and_determinism_on_request(trained, us
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does")
-def test_the_gpu_check_says_there_is_no_gpu_here(tmp_path):
-    result = run_script("tests/gpu_check.py", "--data-root", tmp_path, cwd=tmp_path, check=False)
+def test_the_gpu_check_says_there_is_no_gpu_here(tmp_path, in_process):
+    result = in_process("tests/gpu_check.py", "--data-root", tmp_path, cwd=tmp_path)
     assert result.returncode == 2 and "no GPU here" in result.stdout and not result.stderr
