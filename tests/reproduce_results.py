@@ -77,7 +77,7 @@ ALWAYS_FORCED = ("rnn-tf-", ["--decoder", "recurrent", "--teacher-forcing-epochs
 FIXES = {"free bits": ("--free-bits", "fb", (0.1, 0.25, 0.5)),
          "history dropout": ("--history-dropout", "hd", (0.25, 0.5, 0.75))}
 EXPRESSIVE = {"autoregressive": DECODERS["autoregressive"], "recurrent": RECURRENT}
-SECTIONS = ("recurrent", "fixes", "mechanism", "latent-use", "results")  # the longest chains of runs first
+SECTIONS = ("recurrent", "latent-use", "fixes", "mechanism", "results")  # the longest chains first, then README's table
 REPORT_ORDER = ("results", "latent-use", "recurrent", "mechanism", "fixes")  # the report's sections
 
 
