@@ -82,6 +82,9 @@ REPORT_ORDER = ("results", "latent-use", "recurrent", "mechanism", "fixes")  # t
 
 
 RECORDS = os.path.join(REPO, "samples", "records")
+# an epoch of each decoder against the MLP's (README, "Speed": tests/bench_train.py --decoders-only; the
+# recurrent one fed its own rows), for the time left before a decoder has a record of its own
+EPOCH_COST = {"mlp": 1.0, "autoregressive": 1.42, "recurrent": 5.06}
 PLAN_AGAIN_SECONDS = 5  # how often an idle worker looks for runs that a running chain's records have added
 # sample.py flags added to every measurement: none, the report's measures (the tests' tiny runs: fewer)
 MEASURE_FLAGS = []
@@ -255,13 +258,17 @@ def progress(args, trainings, measures, t0):
     for name in left:
         if name in trainings:
             _, epochs, start = trainings[name]
-            seconds = epoch_seconds.get(decoder_of(name, trainings))
-            rough |= not seconds  # no record of this decoder yet: the others' epochs stand in for its
-            seconds = seconds or [s for decoder in epoch_seconds.values() for s in decoder]
-            estimate += statistics.median(seconds) * (epochs - (trainings[start][1] if start else 0))
+            decoder = decoder_of(name, trainings)
+            rough |= decoder not in epoch_seconds
+            if decoder in epoch_seconds:
+                seconds = statistics.median(epoch_seconds[decoder])
+            else:  # no record of this decoder yet: a recorded one's epochs, scaled by their costs
+                known = next(iter(epoch_seconds))
+                seconds = statistics.median(epoch_seconds[known]) * EPOCH_COST[decoder] / EPOCH_COST[known]
+            estimate += seconds * (epochs - (trainings[start][1] if start else 0))
         estimate += statistics.median(measure_seconds or [0]) * sum(run == name for run, _ in measures.values())
     return (f"{done}, about {format_seconds(estimate / args.jobs)} left"
-            + (" (rough: a decoder has no record yet)" if rough else ""))
+            + (" (rough: a decoder without records yet is estimated from another's)" if rough else ""))
 
 
 def decoder_of(name, trainings):
