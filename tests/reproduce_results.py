@@ -345,7 +345,7 @@ def write_documents(records_dir, check=False):
     as pending, and its section named in one line. With check, write nothing and return 1 if a
     document or file differs from what the records give. Returns the exit code."""
     records = read_records(records_dir)
-    metrics = recorded_measurements(records_dir)
+    metrics = measurements_of(records)
     scratch = argparse.Namespace(records_dir=records_dir)
     missing = {section: [m for m in measurements(section, scratch) if m not in metrics] for section in SECTIONS}
     for section, names in missing.items():
@@ -594,8 +594,11 @@ def measured(args, runs):
 
 def recorded_measurements(records_dir):
     """{measurement name: the metrics JSON sample.py wrote} of every record."""
-    return {name: m["metrics"] for record in read_records(records_dir).values()
-            for name, m in record["measurements"].items()}
+    return measurements_of(read_records(records_dir))
+
+
+def measurements_of(records):
+    return {name: m["metrics"] for record in records.values() for name, m in record["measurements"].items()}
 
 
 def fixes_rows(picks, better):
