@@ -396,14 +396,18 @@ def pending(sections, missing):
 
 
 def provenance(records, records_dir):
-    """Where the records come from, in a few lines: runs, commits, torch, CPUs and threads, and the
-    core-hours of each section (training and measuring, times the threads each used)."""
+    """Where the records come from, in a few lines: runs, commits, torch, CPUs and threads, the digit
+    classifier's accuracy in each measurement (one value: one judge), and the core-hours of each
+    section (training and measuring, times the threads each used)."""
     if not records:
         return "*No run is recorded yet.*"
-    def counted(key):
-        values = [record[key][:7] + record[key][40:] if key == "commit" and record[key] else record[key]
-                  for record in records.values()]  # a commit's short name, and "+uncommitted" if it says so
+    def tally(values):
         return ", ".join(f"{value} ({values.count(value)})" for value in sorted(set(values), key=str))
+    def counted(key):
+        return tally([record[key][:7] + record[key][40:] if key == "commit" and record[key] else record[key]
+                      for record in records.values()])  # a commit's short name, and "+uncommitted" if it says so
+    judges = tally([f"{m['metrics']['classifier_accuracy']:.2%}" for record in records.values()
+                    for m in record["measurements"].values()])
     hours, counted_runs = [], set()
     for section in REPORT_ORDER:  # a run shared by two sections counts in the first
         runs = {run for run, _ in measurements(section, argparse.Namespace(records_dir=records_dir)).values()}
@@ -414,8 +418,8 @@ def provenance(records, records_dir):
         hours.append(f"{section} {seconds / 3600:.1f}")
     return (f"{len(records)} runs recorded. Commits (runs): {counted('commit')}. torch: {counted('torch')}. "
             f"CPUs: {counted('cpu')}, instruction set {counted('cpu_capability')}, threads per run "
-            f"{counted('threads')}. Core-hours recorded, training and measuring (a run shared by two sections in the "
-            f"first): {', '.join(hours)}.")
+            f"{counted('threads')}. The digit classifier's test accuracy (measurements): {judges}. Core-hours "
+            f"recorded, training and measuring (a run shared by two sections in the first): {', '.join(hours)}.")
 
 
 # ----------------------------------------------------------------------------- verify
@@ -727,8 +731,10 @@ def read_json(path):
 
 
 def metrics_json(measurement):
-    """The measurement if it is a metrics JSON of sample.py's (a dict with its "metrics"), else None."""
-    return measurement if isinstance(measurement, dict) and isinstance(measurement.get("metrics"), dict) else None
+    """The measurement if it is a metrics JSON of sample.py's (a dict with its "metrics" and the
+    accuracy of the classifier that judged them), else None."""
+    return measurement if isinstance(measurement, dict) and isinstance(measurement.get("metrics"), dict) and \
+        isinstance(measurement.get("classifier_accuracy"), float) else None
 
 
 def run(args, what, log, script, *script_args):

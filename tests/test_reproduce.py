@@ -190,7 +190,8 @@ def write_records(folder, measured):
         record = json.loads(path.read_text()) if path.exists() else {
             "run": run, "train": None, "config": {}, "history": [], "measurements": {}, "commit": "c",
             "torch": "t", "cpu": "cpu", "cpu_capability": "AVX2", "threads": 1}
-        record["measurements"][name] = {"flags": [], "seconds": 1.0, "metrics": metrics}
+        record["measurements"][name] = {"flags": [], "seconds": 1.0,
+                                        "metrics": {"classifier_accuracy": 0.9913, **metrics}}
         path.write_text(json.dumps(record))
 
 
