@@ -212,22 +212,23 @@ PAPER_NUMBERS = {"0.08", "0.01"}  # the report quotes them from the paper (the f
 def test_the_prose_numbers_of_a_recorded_section_are_in_its_tables():
     """Once a section's tables are written (none pending), every number with a decimal point in its
     prose, rounded as the prose rounds it and sign aside, is a number of those tables or of the
-    table files it links: no number typed by hand."""
+    table files it links: no number typed by hand. A section is a "## " part of a document, or a
+    "### " part of one, so that a part is checked as soon as its own tables are written."""
     for document in reproduce_results.DOCUMENTS:
-        text = read_document(document)
-        for section in re.split(r"\n(?=## )", text):
-            bodies = [body for _, _, body, _ in reproduce_results.TABLE.findall(section)]
-            if not bodies or any(body.startswith("*Pending") for body in bodies):
-                continue
-            linked = re.findall(r"\]\((tables/[\w.]+\.md)\)", section)
-            known = NUMBER.findall(" ".join(bodies + [read_document(os.path.join(os.path.dirname(document), path))
-                                                      for path in linked]))
-            prose = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)", "", reproduce_results.TABLE.sub("", section),
-                           flags=re.DOTALL)
-            for number in set(NUMBER.findall(prose)) - PAPER_NUMBERS:
-                decimals = len(number.split(".")[1])
-                assert any(f"{float(value):.{decimals}f}" == number for value in known), \
-                    f"{document}, section {section.splitlines()[0]!r}: {number} is in none of its tables"
+        for section in re.split(r"\n(?=## )", read_document(document)):
+            for part in [section, *re.split(r"\n(?=### )", section)[1:]]:
+                bodies = [body for _, _, body, _ in reproduce_results.TABLE.findall(part)]
+                if not bodies or any(body.startswith("*Pending") for body in bodies):
+                    continue
+                linked = re.findall(r"\]\((tables/[\w.]+\.md)\)", part)
+                known = NUMBER.findall(" ".join(bodies + [
+                    read_document(os.path.join(os.path.dirname(document), path)) for path in linked]))
+                prose = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)", "", reproduce_results.TABLE.sub("", part),
+                               flags=re.DOTALL)
+                for number in set(NUMBER.findall(prose)) - PAPER_NUMBERS:
+                    decimals = len(number.split(".")[1])
+                    assert any(f"{float(value):.{decimals}f}" == number for value in known), \
+                        f"{document}, {part.splitlines()[0]!r}: {number} is in none of its tables"
 
 
 def read_document(path):
