@@ -950,8 +950,8 @@ def found_table(metrics):
 
 def latent_columns():
     """(column label, run-name prefix) of each decoder and conditioning."""
-    return [(f"{decoder}, {mode}", f"{prefix}{mode}") for decoder, (prefix, _) in DECODERS.items()
-            for mode in CONDITIONINGS]
+    return [(f"{'MLP' if decoder == 'mlp' else decoder}, {mode}", f"{prefix}{mode}")
+            for decoder, (prefix, _) in DECODERS.items() for mode in CONDITIONINGS]
 
 
 def latent_pairs():
@@ -1051,7 +1051,8 @@ def cell(value):
 
 
 def run_label(prefix):
-    """A run-name prefix as a table reads it: "rnn-tf-fixed" -> "recurrent always teacher-forced fixed"."""
+    """A run-name prefix as a table reads it: "rnn-tf-fixed" -> "recurrent always teacher-forced fixed",
+    "fixed" -> "MLP fixed"."""
     for flag, tag, _ in FIXES.values():  # "ar-concat-fb0.25" -> "autoregressive concat --free-bits 0.25"
         if f"-{tag}" in prefix:
             run, value = prefix.rsplit(f"-{tag}", 1)
@@ -1060,7 +1061,7 @@ def run_label(prefix):
                         ("ar-", "autoregressive ")):
         if prefix.startswith(short):
             return long + prefix.removeprefix(short)
-    return prefix
+    return f"MLP {prefix}"
 
 
 def long_table(metrics, prefix):
