@@ -133,8 +133,8 @@ def latent_metrics():
 
 def test_latent_use_tables_from_hand_made_runs():
     lines = latent_table(latent_metrics(), latent_columns()).splitlines()
-    assert lines[0] == ("| metric (per test image), mean ± sd over seeds 0, 1, 2 | mlp, mix-and-match | "
-                        "mlp, fixed | mlp, concat | autoregressive, mix-and-match | autoregressive, fixed | "
+    assert lines[0] == ("| metric (per test image), mean ± sd over seeds 0, 1, 2 | MLP, mix-and-match | "
+                        "MLP, fixed | MLP, concat | autoregressive, mix-and-match | autoregressive, fixed | "
                         "autoregressive, concat |")
     assert "| kl | 11.000 ± 1.000 | 13.000 ± 1.000 | 13.000 ± 1.000 | 2.000 ± 1.000 | 4.000 ± 1.000 | 4.000 ± 1.000 |" \
         in lines
@@ -145,8 +145,8 @@ def test_latent_use_tables_from_hand_made_runs():
     # autoregressive mix-and-match - fixed: KL 2 - 4 = -2, beyond twice the sd of 1? no (2 is not > 2)
     assert rows["| kl"][columns.index("autoregressive mix-and-match − autoregressive fixed")] == "-2.000 (2.000)"
     # each decoder against the other: -9, a finding
-    assert rows["| kl"][columns.index("autoregressive mix-and-match − mix-and-match")] == "-9.000 (2.000, yes)"
-    assert rows["| diversity sampling"][columns.index("mix-and-match − fixed")] == "n/a"
+    assert rows["| kl"][columns.index("autoregressive mix-and-match − MLP mix-and-match")] == "-9.000 (2.000, yes)"
+    assert rows["| diversity sampling"][columns.index("MLP mix-and-match − MLP fixed")] == "n/a"
     long = {line.split(" | ")[0]: line for line in long_table(latent_metrics(), "ar-").splitlines()}
     assert long["| kl"] == "| kl | 1.000 | 0.500 | 3.000 | 1.500 | 3.000 | 1.500 |"
 
