@@ -215,25 +215,22 @@ def test_the_prose_numbers_of_a_recorded_section_are_in_its_tables():
     table files it links: no number typed by hand. A section is a "## " part of a document, or a
     "### " part of one, so that a part is checked as soon as its own tables are written."""
     for document in reproduce_results.DOCUMENTS:
-        for section in re.split(r"\n(?=## )", read_document(document)):
+        text = reproduce_results.read_text(os.path.join(reproduce_results.REPO, document))
+        for section in re.split(r"\n(?=## )", text):
             for part in [section, *re.split(r"\n(?=### )", section)[1:]]:
                 bodies = [body for _, _, body, _ in reproduce_results.TABLE.findall(part)]
                 if not bodies or any(body.startswith("*Pending") for body in bodies):
                     continue
                 linked = re.findall(r"\]\((tables/[\w.]+\.md)\)", part)
                 known = NUMBER.findall(" ".join(bodies + [
-                    read_document(os.path.join(os.path.dirname(document), path)) for path in linked]))
+                    reproduce_results.read_text(os.path.join(reproduce_results.REPO, os.path.dirname(document), path))
+                    for path in linked]))
                 prose = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)", "", reproduce_results.TABLE.sub("", part),
                                flags=re.DOTALL)
                 for number in set(NUMBER.findall(prose)) - PAPER_NUMBERS:
                     decimals = len(number.split(".")[1])
                     assert any(f"{float(value):.{decimals}f}" == number for value in known), \
                         f"{document}, {part.splitlines()[0]!r}: {number} is in none of its tables"
-
-
-def read_document(path):
-    with open(os.path.join(reproduce_results.REPO, path)) as f:
-        return f.read()
 
 
 def every_measurement(name, flags):
