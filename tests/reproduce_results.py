@@ -1115,6 +1115,11 @@ def frontier_table(metrics, full=False):
         on_curves = [on_curve(curve, values[0]) for curve in curves.values()]
         cells = [f"{v:.3f}" for v in values] + ["" if v is None else f"{v:.3f}" for v in on_curves]
         lines.append(f"| {label} | {m['temperature']:g} | " + " | ".join(cells) + " |")
+    # the true tops in the completions' place: where a line would be if it were real digits
+    real = [metrics[frontier_points()[0]]["metrics"][key]["real_top"]
+            for key in ("distinct_digits", "diversity", fidelity, "confidence", "coverage")]
+    lines.append("| real digits (the true tops) | | " + " | ".join("" if v is None else f"{v:.3f}" for v in real)
+                 + " |" * (len(curves) + 1))
     return "\n".join(lines)
 
 
