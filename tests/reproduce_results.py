@@ -1105,19 +1105,18 @@ def frontier_table(metrics, full=False):
     header = (f"| model (seed 0) | T | distinct digits | mean distance | {fidelity} | confidence | coverage | "
               + " | ".join(f"{mode}'s {y} at these digits" for mode, y in curves) + " |")
     lines = [header, "|---|" + "---:|" * (6 + len(curves))]
+    keys = ("distinct_digits", "diversity", fidelity, "confidence", "coverage")  # the columns after T
     for name in frontier_points():
         m = metrics[name]
         if not full and "-seed0-T" in name and m["temperature"] not in REPORT_TEMPERATURES:
             continue
         label = name.rsplit("-T", 1)[0].replace("-seed0", "").replace("testalpha", "test-time alpha ")
-        values = [m["metrics"][key]["model"] for key in ("distinct_digits", "diversity", fidelity, "confidence",
-                                                          "coverage")]
+        values = [m["metrics"][key]["model"] for key in keys]
         on_curves = [on_curve(curve, values[0]) for curve in curves.values()]
         cells = [f"{v:.3f}" for v in values] + ["" if v is None else f"{v:.3f}" for v in on_curves]
         lines.append(f"| {label} | {m['temperature']:g} | " + " | ".join(cells) + " |")
     # the true tops in the completions' place: where a line would be if it were real digits
-    real = [metrics[frontier_points()[0]]["metrics"][key]["real_top"]
-            for key in ("distinct_digits", "diversity", fidelity, "confidence", "coverage")]
+    real = [metrics[frontier_points()[0]]["metrics"][key]["real_top"] for key in keys]
     lines.append("| real digits (the true tops) | | " + " | ".join("" if v is None else f"{v:.3f}" for v in real)
                  + " |" * (len(curves) + 1))
     return "\n".join(lines)
