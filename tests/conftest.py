@@ -40,16 +40,12 @@ def mnist_root(tmp_path_factory):
     return str(root)
 
 
-def run_script(script, *args, cwd, check=True, setup=None):
-    """Run one of our scripts in a subprocess on CPU, as a user would; `setup`, Python code run
-    first in the same process (the tests folder importable), can stand in a fault or count calls.
-    Returns the CompletedProcess."""
+def run_script(script, *args, cwd, check=True):
+    """Run one of our scripts in a fresh process on the CPU, as a user would (a torch import each:
+    in_process below does the rest). Returns the CompletedProcess."""
     command = [sys.executable, os.path.join(REPO, script), *map(str, args)]
-    if setup:
-        run = "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
-        command[1:1] = ["-c", f"import runpy, sys\n{setup}\n{run}"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, env=env)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     if check:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
     return result

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import reproduce_results
-from conftest import run_script
 from test_bad_input import METRICS, refused
 from utils import MNIST_FILES, atomic_write, newest_checkpoint, process_lock
 
@@ -201,9 +200,9 @@ def test_a_read_only_checkout_samples_and_measures_with_writable_paths(user, tra
 
 # ----------------------------------------------------------------------------- the reproduction command
 
-def test_the_reproduction_refuses_a_wrong_data_root_before_any_training(tmp_path):
-    result = run_script("tests/reproduce_results.py", "--data-root", tmp_path / "nowhere", "--runs-dir",
-                        tmp_path / "runs", cwd=tmp_path, check=False)
+def test_the_reproduction_refuses_a_wrong_data_root_before_any_training(tmp_path, in_process):
+    result = in_process("tests/reproduce_results.py", "--data-root", tmp_path / "nowhere", "--runs-dir",
+                        tmp_path / "runs", cwd=tmp_path)
     assert result.returncode == 1 and "MNIST is not under" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
 

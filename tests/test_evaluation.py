@@ -101,15 +101,16 @@ def test_active_units_counts_units_whose_mean_moves_with_the_data():
     assert active_units(means) == 1
 
 
-def test_metrics_command_end_to_end(tmp_path, mnist_root):
-    run_script("train.py", "--data-root", mnist_root, "--epochs", "1", "--conditioning", "fixed",
-               "--checkpoint-dir", "checkpoint", "--results-dir", "results", "--device", "cpu", cwd=tmp_path)
+def test_metrics_command_end_to_end(tmp_path, mnist_root, in_process):
+    in_process("train.py", "--data-root", mnist_root, "--epochs", "1", "--conditioning", "fixed",
+               "--checkpoint-dir", "checkpoint", "--results-dir", "results", "--device", "cpu", cwd=tmp_path,
+               check=True)
     args = ["--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5, "--n-importance", 8,
             "--device", "cpu"]
-    first = run_script("sample.py", *args, cwd=tmp_path)
+    first = in_process("sample.py", *args, cwd=tmp_path, check=True)
     assert "training the digit classifier" in first.stdout and "fixed conditioning" in first.stdout
     assert (tmp_path / "checkpoint" / "digit_classifier.pth").is_file()
-    second = run_script("sample.py", *args, cwd=tmp_path)  # cached classifier: the same table
+    second = in_process("sample.py", *args, cwd=tmp_path, check=True)  # cached classifier: the same table
     table = first.stdout.split("fixed conditioning")[1]
     assert "training" not in second.stdout and table == second.stdout.split("fixed conditioning")[1]
     for name in ["IW NLL", "diversity", "best-of-K", "active latent units", "conditional Inception Score"]:
@@ -141,8 +142,9 @@ def test_a_classifier_cached_from_other_mnist_files_is_retrained(tmp_path, mnist
 
 
 def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root, in_process):
-    run_script("train.py", "--data-root", mnist_root, "--epochs", "1", "--checkpoint-dir", "checkpoint",
-               "--results-dir", "results", "--device", "cpu", cwd=tmp_path)
+    in_process("train.py", "--data-root", mnist_root, "--epochs", "1", "--checkpoint-dir", "checkpoint",
+               "--results-dir", "results", "--device", "cpu", cwd=tmp_path, check=True)
+    # sample.py in a fresh process here, and in this one at the end
     result = run_script("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
                         "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3,
                         "--json", "out/metrics.json", cwd=tmp_path)
@@ -157,7 +159,7 @@ def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root, in_process
         value = f"{row['model']:9d}" if isinstance(row["model"], int) else f"{row['model']:9.3f}"
         reference = "" if row["real_top"] is None else f"{row['real_top']:9.3f}"
         assert f"{row['name']:<52} {value} {reference:>9}" in printed
-    # the metrics draw from --seed alone: a figure and another grid before them do not move them
+    # the metrics draw from --seed alone: this process's earlier runs, a figure and another grid do not move them
     assert in_process("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
                       "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3, "--json",
                       "out/other.json", "--figure", "figure.png", "--n-images", 3, cwd=tmp_path).returncode == 0

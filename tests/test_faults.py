@@ -1,6 +1,8 @@
-"""Faults and bad input, run as a user meets them (the scripts in a subprocess, on synthetic MNIST):
-each ends in one message that says what to do, a non-zero exit code, no traceback, and leaves
-every file on disk whole (no NaN checkpoint, no .tmp, earlier checkpoints byte for byte)."""
+"""Faults and bad input, run as a user meets them, on synthetic MNIST: the scripts in this process
+(conftest's in_process, which gives the exit code and output a subprocess would), and in a
+subprocess where a real signal interrupts them. Each ends in one message that says what to do, a
+non-zero exit code, no traceback, and leaves every file on disk whole (no NaN checkpoint, no .tmp,
+earlier checkpoints byte for byte)."""
 import errno
 import glob
 import os
@@ -16,15 +18,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import N_TRAIN, REPO, run_script
+from conftest import N_TRAIN, REPO
 from model import MixAndMatchCVAE
 from train import train_epoch
 from utils import atomic_save, get_device, load_mnist, split_image
 
 
-def train(tmp_path, mnist_root, *extra, check=True, setup=None):
-    return run_script("train.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint-dir", "ck",
-                      "--results-dir", "results", *extra, cwd=tmp_path, check=check, setup=setup)
+@pytest.fixture
+def train(in_process, tmp_path, mnist_root):
+    """train.py in tmp_path on the CPU, into ck/ and results/: train("--epochs", 1) -> its result."""
+    def run(*extra, check=True):
+        return in_process("train.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint-dir", "ck",
+                          "--results-dir", "results", *extra, cwd=tmp_path, check=check)
+    return run
 
 
 def assert_refused(result, message, code=1):
@@ -44,23 +50,23 @@ def checkpoints_on_disk(folder):
     return files
 
 
-def test_a_diverging_run_stops_at_its_epoch_and_writes_no_nan_checkpoint(tmp_path, mnist_root):
-    assert_refused(train(tmp_path, mnist_root, "--lr", "1e6", check=False),
+def test_a_diverging_run_stops_at_its_epoch_and_writes_no_nan_checkpoint(tmp_path, train):
+    assert_refused(train("--lr", "1e6", check=False),
                    "training diverged in epoch 1")
     assert checkpoints_on_disk(tmp_path / "ck") == {}
 
-    train(tmp_path, mnist_root, "--epochs", "1")
+    train("--epochs", "1")
     before = checkpoints_on_disk(tmp_path / "ck")
-    result = train(tmp_path, mnist_root, "--epochs", "5", "--resume", "ck/mix_match_01.pth", "--lr", "1e6", check=False)
+    result = train("--epochs", "5", "--resume", "ck/mix_match_01.pth", "--lr", "1e6", check=False)
     assert_refused(result, "training diverged in epoch 2")
     assert "The last good checkpoint is ck/mix_match_01.pth" in result.stderr
     assert "--resume ck/mix_match_01.pth --epochs 5" in result.stderr and "--lr 100000" in result.stderr
     assert checkpoints_on_disk(tmp_path / "ck") == before  # nothing new, nothing changed
 
 
-def test_batch_norm_never_sees_a_batch_of_one(tmp_path, mnist_root):
-    assert_refused(train(tmp_path, mnist_root, "--batch-size", "1", check=False), "--batch-size must be at least 2", 2)
-    result = train(tmp_path, mnist_root, "--epochs", "1", "--batch-size", str(N_TRAIN - 1))
+def test_batch_norm_never_sees_a_batch_of_one(tmp_path, train):
+    assert_refused(train("--batch-size", "1", check=False), "--batch-size must be at least 2", 2)
+    result = train("--epochs", "1", "--batch-size", str(N_TRAIN - 1))
     assert "last batch of one image" in result.stdout and "skipped" in result.stdout
     assert torch.load(tmp_path / "ck" / "mix_match_01.pth", weights_only=True)["step"] == 1
 
@@ -104,19 +110,19 @@ def test_device_strings_get_one_line(device, message, monkeypatch):
         get_device(device)
 
 
-def test_scripts_refuse_a_bad_device_before_any_work(tmp_path):
+def test_scripts_refuse_a_bad_device_before_any_work(tmp_path, in_process):
     for script in ["train.py", "sample.py"]:
-        assert_refused(run_script(script, "--device", "cuda:x", cwd=tmp_path, check=False), "is not one of")
+        assert_refused(in_process(script, "--device", "cuda:x", cwd=tmp_path), "is not one of")
 
 
-def test_resume_refuses_nothing_to_do_and_contradicting_model_flags(tmp_path, mnist_root):
-    train(tmp_path, mnist_root, "--epochs", "2")
+def test_resume_refuses_nothing_to_do_and_contradicting_model_flags(tmp_path, train):
+    train("--epochs", "2")
     before = checkpoints_on_disk(tmp_path / "ck")
-    result = train(tmp_path, mnist_root, "--resume", "ck/mix_match_02.pth", "--epochs", "2", check=False)
+    result = train("--resume", "ck/mix_match_02.pth", "--epochs", "2", check=False)
     assert_refused(result, "ck/mix_match_02.pth is already at epoch 2, and --epochs is 2: nothing left to train")
     contradicting = [("--alpha", 10, 64), ("--hidden-dim", 64, 128), ("--latent-dim", 8, 32),
                      ("--conditioning", "fixed", "mix-and-match"), ("--curriculum-step", 2, 0)]
-    result = train(tmp_path, mnist_root, "--resume", "ck/mix_match_01.pth", "--epochs", "3",
+    result = train("--resume", "ck/mix_match_01.pth", "--epochs", "3",
                    *[word for flag, value, _ in contradicting for word in (flag, value)], check=False)
     assert_refused(result, "a resumed run keeps its checkpoint's model")
     for flag, value, saved in contradicting:  # each named, with the checkpoint's value
@@ -124,20 +130,20 @@ def test_resume_refuses_nothing_to_do_and_contradicting_model_flags(tmp_path, mn
     assert checkpoints_on_disk(tmp_path / "ck") == before
 
     # what may change on resume does: --lr, --epochs, the folders; a model flag that agrees is accepted
-    train(tmp_path, mnist_root, "--resume", "ck/mix_match_01.pth", "--epochs", "2", "--lr", "3e-4",
+    train("--resume", "ck/mix_match_01.pth", "--epochs", "2", "--lr", "3e-4",
           "--alpha", "64", "--checkpoint-dir", "ck2")
     resumed = torch.load(tmp_path / "ck2" / "mix_match_02.pth", weights_only=True)
     assert resumed["optimizer"]["param_groups"][0]["lr"] == 3e-4 and resumed["args"]["lr"] == 3e-4
 
 
-def test_a_truncated_mnist_file_is_named_not_called_missing(tmp_path, mnist_root):
+def test_a_truncated_mnist_file_is_named_not_called_missing(tmp_path, mnist_root, in_process):
     root = tmp_path / "data"
     shutil.copytree(mnist_root, root)
     images = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
     torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "tutorial.pth")  # sample.py reads a checkpoint first
     for script, extra in [("train.py", []), ("sample.py", ["--checkpoint", "tutorial.pth"])]:
-        result = run_script(script, "--data-root", root, "--device", "cpu", *extra, cwd=tmp_path, check=False)
+        result = in_process(script, "--data-root", root, "--device", "cpu", *extra, cwd=tmp_path)
         assert_refused(result, f"the MNIST file {images} is there but unreadable (5000 bytes, its header says")
         assert "is not under" not in result.stderr
 
@@ -201,13 +207,12 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_no_tmp(tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["mix_match_01.pth"] and Path(path).read_bytes() == before
 
 
-def test_train_py_on_a_full_disk_names_the_last_checkpoint(tmp_path, mnist_root):
-    train(tmp_path, mnist_root, "--epochs", "1")
+def test_train_py_on_a_full_disk_names_the_last_checkpoint(tmp_path, train, monkeypatch):
+    train("--epochs", "1")
     before = checkpoints_on_disk(tmp_path / "ck")
     # train.py as the user runs it, with its checkpoint writes failing from epoch 2 on
-    full_from_epoch_2 = "import utils, test_faults; utils.open = test_faults.failing_open(lambda p: 'match_02' in p)"
-    result = train(tmp_path, mnist_root, "--epochs", "3", "--resume", "ck/mix_match_01.pth", check=False,
-                   setup=full_from_epoch_2)
+    monkeypatch.setattr("utils.open", failing_open(lambda p: "match_02" in p), raising=False)
+    result = train("--epochs", "3", "--resume", "ck/mix_match_01.pth", check=False)
     assert_refused(result, "error: ck/mix_match_02.pth: No space left on device. The last complete checkpoint is "
                            "ck/mix_match_01.pth; continue with: python3 train.py --resume ck/mix_match_01.pth")
     assert checkpoints_on_disk(tmp_path / "ck") == before

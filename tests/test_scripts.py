@@ -1,19 +1,24 @@
-"""End to end: train.py then sample.py on tiny synthetic MNIST, as a user runs them."""
+"""End to end: train.py then sample.py on tiny synthetic MNIST, as a user runs them: in a fresh
+process where that is the point (the first run, one seeded run), in this process otherwise
+(conftest's in_process: the same exit code and output, without a torch import per run)."""
 import re
 
 import torch
 from PIL import Image
 
+import utils
 from conftest import run_script
 from model import MixAndMatchCVAE
 
 EPOCH_LINE = re.compile(r"epoch +(\d+) \| rec +([\d.]+) \| kl +([\d.]+) \| kl weight ([\d.]+) \| test loss +([\d.]+)")
 
 
-def train(tmp_path, mnist_root, name, *extra):
+def train(tmp_path, mnist_root, name, *extra, run=run_script):
+    """train.py into tmp_path/name, in a subprocess unless `run` is in_process; returns the folder
+    and the epoch lines printed."""
     out = tmp_path / name
-    result = run_script("train.py", "--data-root", mnist_root, "--checkpoint-dir", out / "checkpoint",
-                        "--results-dir", out / "results", "--device", "cpu", *extra, cwd=tmp_path)
+    result = run("train.py", "--data-root", mnist_root, "--checkpoint-dir", out / "checkpoint",
+                 "--results-dir", out / "results", "--device", "cpu", *extra, cwd=tmp_path, check=True)
     return out, EPOCH_LINE.findall(result.stdout)
 
 
@@ -37,20 +42,21 @@ def test_train_one_epoch_then_sample(tmp_path, mnist_root):
     assert Image.open(tmp_path / "fig" / "sampling_resampling.png").size[0] > 1000
 
 
-def test_seeded_runs_are_identical_and_seeds_matter(tmp_path, mnist_root):
+def test_seeded_runs_are_identical_and_seeds_matter(tmp_path, mnist_root, in_process):
+    # a in a fresh process, b in one that has run other tests: the seed alone fixes a run
     a_dir, a = train(tmp_path, mnist_root, "a", "--epochs", "1", "--seed", "5")
-    b_dir, b = train(tmp_path, mnist_root, "b", "--epochs", "1", "--seed", "5")
-    _, c = train(tmp_path, mnist_root, "c", "--epochs", "1", "--seed", "6")
+    b_dir, b = train(tmp_path, mnist_root, "b", "--epochs", "1", "--seed", "5", run=in_process)
+    _, c = train(tmp_path, mnist_root, "c", "--epochs", "1", "--seed", "6", run=in_process)
     assert a == b and a != c
     wa, wb = weights(a_dir / "checkpoint" / "mix_match_01.pth"), weights(b_dir / "checkpoint" / "mix_match_01.pth")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_continues_exactly(tmp_path, mnist_root):
-    straight_dir, straight = train(tmp_path, mnist_root, "straight", "--epochs", "2")
-    first_dir, _ = train(tmp_path, mnist_root, "first", "--epochs", "1")
+def test_resume_continues_exactly(tmp_path, mnist_root, in_process):
+    straight_dir, straight = train(tmp_path, mnist_root, "straight", "--epochs", "2", run=in_process)
+    first_dir, _ = train(tmp_path, mnist_root, "first", "--epochs", "1", run=in_process)
     _, resumed = train(tmp_path, mnist_root, "first", "--epochs", "2",
-                       "--resume", first_dir / "checkpoint" / "mix_match_01.pth")
+                       "--resume", first_dir / "checkpoint" / "mix_match_01.pth", run=in_process)
     assert resumed == straight[1:]  # epoch 2 prints the same losses, KL weight included
     end = torch.load(first_dir / "checkpoint" / "mix_match_02.pth", weights_only=True)
     assert end["step"] == 6
@@ -79,9 +85,9 @@ def test_user_errors_are_one_clear_message(tmp_path, mnist_root, in_process):
     assert result.returncode == 2 and "expected a whole number >= 1" in result.stderr
 
 
-def test_curves_are_drawn_after_the_last_epoch_not_after_each(tmp_path, mnist_root):
+def test_curves_are_drawn_after_the_last_epoch_not_after_each(tmp_path, mnist_root, in_process, monkeypatch):
     # three short epochs, well within train.CURVES_EVERY_S: one drawing, with every epoch in it
-    count = "import utils; utils.plot_history = lambda runs, path: print('drawn', *(len(h) for h in runs.values()))"
-    result = run_script("train.py", "--data-root", mnist_root, "--epochs", "3", "--device", "cpu", cwd=tmp_path,
-                        setup=count)
+    monkeypatch.setattr(utils, "plot_history", lambda runs, path: print("drawn", *(len(h) for h in runs.values())))
+    result = in_process("train.py", "--data-root", mnist_root, "--epochs", "3", "--device", "cpu", cwd=tmp_path,
+                        check=True)
     assert re.findall(r"^drawn \d+$", result.stdout, re.MULTILINE) == ["drawn 3"]
