@@ -896,8 +896,8 @@ def seed_table(metrics):
              + " | ".join(MODES) + " | real top | shipped model (seed 0) |", "|---|" + "---:|" * (len(MODES) + 2)]
     for key, row in shipped.items():
         cells = [mean_sd_cell(seed_values(metrics, mode, key)) for mode in MODES]
-        real = "" if row["real_top"] is None else f"{row['real_top']:.3f}"
-        lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells) + f" | {real} | {cell(row['model'])} |")
+        lines.append(f"| {markdown(row['name'])} | " + " | ".join(cells)
+                     + f" | {blank_or(row['real_top'])} | {cell(row['model'])} |")
     return "\n".join(lines)
 
 
@@ -1050,6 +1050,11 @@ def cell(value):
     return "n/a" if value is None else f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
 
 
+def blank_or(value):
+    """A table cell: the value to 3 decimals, blank where there is none (off a curve, no reference)."""
+    return "" if value is None else f"{value:.3f}"
+
+
 def run_label(prefix):
     """A run-name prefix as a table reads it: "rnn-tf-fixed" -> "recurrent always teacher-forced fixed",
     "fixed" -> "MLP fixed"."""
@@ -1113,13 +1118,13 @@ def frontier_table(metrics, full=False):
         label = name.rsplit("-T", 1)[0].replace("-seed0", "").replace("testalpha", "test-time alpha ")
         values = [m["metrics"][key]["model"] for key in keys]
         on_curves = [on_curve(curve, values[0]) for curve in curves.values()]
-        cells = [f"{v:.3f}" for v in values] + ["" if v is None else f"{v:.3f}" for v in on_curves]
+        cells = [f"{v:.3f}" for v in values] + [blank_or(v) for v in on_curves]
         lines.append(f"| {label} | {m['temperature']:g} | " + " | ".join(cells) + " |")
     # the true tops in the completions' place: where a line would be if it were real digits
-    real = [metrics[frontier_points()[0]]["metrics"][key]["real_top"] for key in keys]
-    lines.append("| real digits (the true tops) | | " + " | ".join("" if v is None else f"{v:.3f}" for v in real)
-                 + " |" * (len(curves) + 1))
+    real = [blank_or(metrics[frontier_points()[0]]["metrics"][key]["real_top"]) for key in keys]
+    lines.append("| real digits (the true tops) |  | " + " | ".join(real + [""] * len(curves)) + " |")
     return "\n".join(lines)
+
 
 
 def frontier_points():
