@@ -19,6 +19,7 @@ import socket
 import struct
 import tempfile
 import threading
+import warnings
 import zlib
 from dataclasses import asdict
 
@@ -351,8 +352,10 @@ def pil_format(extension):
         Image.init()
     name = Image.EXTENSION.get(extension)
     try:
-        Image.new("L", (1, 1)).save(io.BytesIO(), format=name)  # name None: PIL refuses, as for no writer
-    except (KeyError, OSError, ValueError):
+        with warnings.catch_warnings():  # a writer PIL says it will remove (IM in Pillow 13) is not offered
+            warnings.simplefilter("error", DeprecationWarning)
+            Image.new("L", (1, 1)).save(io.BytesIO(), format=name)  # name None: PIL refuses, as for no writer
+    except (KeyError, OSError, ValueError, DeprecationWarning):
         return None
     return name
 

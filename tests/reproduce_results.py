@@ -445,6 +445,10 @@ def verify(args, records):
             measure(again, m, args.verify, flags)
         write_record(again, args.verify, trainings, own)
         new = read_records(again.records_dir)[args.verify]
+    # the run as measured here, kept (the scratch folder is not) so that it can be judged again or committed
+    kept = os.path.join(args.runs_dir, "verify", f"{args.verify}.json")
+    save_json(new, kept, indent=1)
+    print(f"{args.verify} as trained and measured here: {kept}")
     return compare(record, new, records)
 
 

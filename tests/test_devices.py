@@ -12,6 +12,7 @@ tensor, 0-dim scalars included, fed to an op on the device or copied there, and 
 assigned through indexing (`t[i] = True`: on CUDA, torch makes the number a CPU tensor and
 index_put_ copies it over). A training step, an
 evaluation and a sampling call must make none, so that CUDA queues their work without waiting."""
+import contextlib
 import os
 
 import pytest
@@ -217,16 +218,42 @@ def test_the_classifier_forks_the_generators_of_its_device_only(tmp_path, mnist_
     assert forked == [[], []]  # trained, then loaded: the CPU's generator only, never every GPU's
 
 
+@contextlib.contextmanager
+def torch_default_precision():
+    """torch's precision flags at torch's own defaults inside, and after put back as they were, by
+    assignment: they are computed attributes (a module's __getattr__), which monkeypatch cannot
+    restore (pytest 9.2 deletes an attribute it did not find in the instance's __dict__)."""
+    flags = {torch.backends.cudnn.rnn: "tf32", torch.backends.cudnn.conv: "tf32", torch.backends.cuda.matmul: "none"}
+    before = {flag: flag.fp32_precision for flag in flags}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for flag, default in flags.items():
+            flag.fp32_precision = default
+        yield
+    finally:
+        for flag, value in before.items():
+            flag.fp32_precision = value
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def test_the_precision_flags_are_put_back_as_they_were():
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    with torch_default_precision():
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("none", "tf32")
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "ieee"
+        torch.use_deterministic_algorithms(True)
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.mark.parametrize("flags, precision, deterministic", [([], "ieee", False), (["--tf32"], "tf32", False),
                                                              (["--deterministic"], "ieee", True)])
 def test_float32_unless_tf32_is_asked_for_and_determinism_on_request(trained, user, monkeypatch, flags, precision,
                                                                       deterministic):
     cudnn = torch.backends.cudnn
-    monkeypatch.setattr(cudnn.rnn, "fp32_precision", "tf32")  # torch's own default, restored after the test
-    monkeypatch.setattr(cudnn.conv, "fp32_precision", "tf32")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "none")
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    try:
+    with torch_default_precision():
         user("sample.py", "--checkpoint", trained, "--out", "g.png", *flags, check=True)
         assert (cudnn.rnn.fp32_precision, cudnn.conv.fp32_precision) == (precision, precision)
         assert torch.backends.cuda.matmul.fp32_precision == precision
@@ -235,8 +262,6 @@ def test_float32_unless_tf32_is_asked_for_and_determinism_on_request(trained, us
         if flags == ["--tf32"]:  # train.py sets them through the same function
             user("train.py", "--epochs", 1, "--checkpoint-dir", "ck2", "--results-dir", "res2", check=True)
             assert cudnn.conv.fp32_precision == "ieee"
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a CPU-only machine does")
