@@ -485,14 +485,18 @@ def lock_holder(path):
     that process has ended. A lock being written (no id yet), or of another host, counts as held;
     a lock of an older version holds a process id alone, of this host."""
     try:
-        with open(path) as f:
-            words = f.read().split()
+        with open(path, "rb") as f:
+            content = f.read()
     except FileNotFoundError:
         return None
+    words = content.decode("utf-8", errors="replace").split()
+    if not words:  # being written: held
+        return "an unknown process"
     if len(words) == 1:  # an older version's lock: a process id alone, written on this host
         words = [socket.gethostname(), *words]
-    if len(words) != 2 or not words[1].isdigit():
-        return "an unknown process"
+    if len(words) != 2 or not words[1].isdigit() or b"\0" in content or "\ufffd" in words[0]:
+        raise SystemExit(f"error: the lock file {path} holds {content[:40]!r}, not a host and a process id: it is not "
+                         f"this code's; if nothing runs in that folder, delete it and run the same command again")
     host, pid = words
     if host != socket.gethostname():
         return f"process {pid} on {host}"

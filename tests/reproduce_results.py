@@ -119,6 +119,9 @@ def main():
     # the scripts run in the repository: paths given relative to where this command runs are made whole
     args.data_root, args.runs_dir, args.records_dir = map(os.path.abspath, (args.data_root, args.runs_dir,
                                                                             args.records_dir))
+    if not os.path.isdir(args.records_dir):  # a typo would rewrite every table as pending, or start from nothing
+        sys.exit(f"error: --records-dir {args.records_dir}: no such folder; for a reproduction from no records, "
+                 f"create it first (mkdir -p)")
     try:
         if args.tables:
             sys.exit(write_documents(args.records_dir, check=args.check))
@@ -307,12 +310,13 @@ def tables(records_dir):
         "fixes": (("fixes",), lambda m, r: fixes_tables(m)[0]),
         "fixes-sweep": (("fixes",), lambda m, r: fixes_tables(m)[1]),
         "mechanism": (("mechanism",), lambda m, r: mechanism_tables(m)[0]),
+        "verify": ((), lambda m, r: verify_tables(r, records_dir)[0]),
     }
 
 
-def table_files():
+def table_files(records_dir=RECORDS):
     """{file under samples/: (its sections, function(metrics, records) -> markdown)}: the matrices
-    too wide for the report, each a file of its own that the report links."""
+    too wide for the report, each a file of its own that the report links, of the records in records_dir."""
     return {
         os.path.join("tables", "seed_differences.md"): (("results",), lambda m, r: differences_table(m)),
         os.path.join("tables", "frontier.md"): (("results",), lambda m, r: frontier_table(m, full=True)),
@@ -322,6 +326,7 @@ def table_files():
             ("recurrent",), lambda m, r: latent_differences_table(m, recurrent_pairs())),
         os.path.join("tables", "fixes_differences.md"): (("fixes",), lambda m, r: fixes_tables(m)[2]),
         os.path.join("tables", "mechanism_differences.md"): (("mechanism",), lambda m, r: mechanism_tables(m)[1]),
+        os.path.join("tables", "verify.md"): ((), lambda m, r: verify_tables(r, records_dir)[1]),
     }
 
 
@@ -358,13 +363,19 @@ def write_documents(records_dir, check=False):
         return pending(waiting, missing) if waiting else make(metrics, records)
     known, written = tables(records_dir), {}
     for document in DOCUMENTS:
-        with open(os.path.join(DOCUMENT_ROOT, document)) as f:
-            text = f.read()
+        text = read_text(os.path.join(DOCUMENT_ROOT, document))
+        if text is None:
+            sys.exit(f"error: {document} is missing: restore it with git checkout {document}")
+        unpaired = unpaired_marker(text)
+        if unpaired:
+            sys.exit(f"error: {document}, line {unpaired}: a table marker without its pair (each '<!-- table NAME -->' "
+                     f"line is closed by a '<!-- /table -->' line before the next table): restore the marker, or git "
+                     f"checkout {document}")
         unknown = [name for _, name, _, _ in TABLE.findall(text) if name not in known]
         if unknown:
             sys.exit(f"error: {document} has a table marker of no table of this reproduction: {', '.join(unknown)}")
         written[document] = TABLE.sub(lambda match: f"{match[1]}{body(*known[match[2]])}\n{match[4]}", text)
-    for name, (sections, make) in table_files().items():
+    for name, (sections, make) in table_files(records_dir).items():
         written[os.path.join("samples", name)] = f"{body(sections, make)}\n"
     differing = [path for path, text in written.items() if read_text(os.path.join(DOCUMENT_ROOT, path)) != text]
     if check:
@@ -381,6 +392,23 @@ def write_documents(records_dir, check=False):
     print(f"wrote the tables of {', '.join(DOCUMENTS)} and samples/tables/, and the figures of the complete "
           f"sections under samples/")
     return 0
+
+
+def unpaired_marker(text):
+    """The line number of the first table marker that is not paired (an opening one whose closing
+    line is missing, a closing one with no opening one), or None: TABLE alone would run to the next
+    table's end and take the text between them for the table."""
+    open_at = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.fullmatch(r"<!-- table \S+ -->", line):
+            if open_at is not None:
+                return open_at
+            open_at = number
+        elif line == "<!-- /table -->":
+            if open_at is None:
+                return number
+            open_at = None
+    return open_at
 
 
 def read_text(path):
@@ -452,55 +480,213 @@ def verify(args, records):
     return compare(record, new, records)
 
 
-def compare(record, new, records):
-    """Print the comparison of a run measured again (new) with its record; return the exit code."""
-    same_kind = all(record[key] == new[key] for key in ("cpu", "cpu_capability", "torch"))
-    where = ("this machine is of the record's kind" if same_kind else
-             f"the record's {record['cpu']} ({record['cpu_capability']}, torch {record['torch']}) against this "
-             f"{new['cpu']} ({new['cpu_capability']}, torch {new['torch']})")
-    print(f"{record['run']}: {where}, {record['threads']} thread(s)")
-    history = [key for old, now in zip(record["history"], new["history"]) for key in old
-               if key != "seconds" and old[key] != now.get(key)]
-    failing = []
-    if same_kind and (history or len(record["history"]) != len(new["history"])):
-        failing.append("history")
-    spread = seed_spreads(record["run"], records)
-    print(f"{'measure':<40} {'record':>10} {'now':>10} {'difference':>11} {'2 x seed sd':>12}")
+# --verify on another kind of machine. Each number of a run (its history, epoch by epoch, and every
+# measure of every measurement) is judged in units of its seed spread: the sd over the seeds of the
+# run's family of the same number (the same epoch; the same measure at T = 1, which stands in for the
+# temperatures and test-time alphas: they are measured on seed 0 alone, and a seed's spread is one of
+# the trained model, which they share). Rounding grows over the epochs into a fraction of a seed sd
+# of the history (0.13 to 0.15 on the records' pairs), where another run is about sqrt(2) sds away
+# (two draws of the seeds' spread; 0.72 at the least): the history tells the run from another. The
+# k-NN and classifier measures are not as telling: rounding moves them by half a seed sd or more (a
+# completion near a neighbour's radius flips), as it moves another seed's
+HISTORY_LIMIT = 0.5  # the history's root mean square, in seed sds: one test per run, whatever its length
+FALSE_ALARM = 0.01  # each number's limit: a run a seed sd from its record fails with this chance at most
+AGREE = 1e-6  # a number its seeds agree on exactly (32 active units, the KL weight) agrees to this, relative
+
+
+def numbers(record):
+    """{name: value} of what a run gives that a rerun must give again: its history ("epoch 3
+    test_loss"; not the seconds) and its measures, named by their measurement without the run
+    ("T1 kl", "testalpha32-T1.5 recall")."""
+    values = {f"epoch {h['epoch']} {key}": value for h in record["history"] for key, value in h.items()
+              if key not in ("epoch", "seconds")}
     for m, measurement in record["measurements"].items():
-        for key, value in measurement["metrics"]["metrics"].items():
-            old, now = value["model"], new["measurements"][m]["metrics"]["metrics"][key]["model"]
-            if old is None or now is None:
-                agree, difference, limit = old is now, None, None
-            else:
-                difference, limit = now - old, spread.get(key)
-                agree = now == old if same_kind else limit is not None and abs(difference) <= limit
-            print(f"{m + ' ' + key:<40} {cell(old):>10} {cell(now):>10} "
-                  f"{'' if difference is None else f'{difference:+.4f}':>11} "
-                  f"{'' if same_kind or limit is None else f'{limit:.4f}':>12}{'' if agree else '  differs'}")
-            if not agree:
-                failing.append(f"{m} {key}")
-    if failing:
-        print(f"{record['run']} does not agree with its record: {', '.join(failing)}")
-        return 1
-    print(f"{record['run']} agrees with its record" + (" bit for bit" if same_kind else
-                                                       ", every measure within twice its seed spread"))
-    return 0
+        kind = m.removeprefix(f"{record['run']}-")
+        values.update({f"{kind} {key}": value["model"] for key, value in measurement["metrics"]["metrics"].items()})
+    return values
+
+
+def family(run):
+    """The seeds' run names ("mix-and-match-seed{}") whose spread judges a run: its own seeds (a
+    200-epoch run: those of its 50 epochs), or the tutorial's seeds of its conditioning for the runs
+    that have none (trained alphas, the shipped model)."""
+    name = re.sub(r"-seed\d+", "-seed{}", run.removesuffix("-long"))
+    if "{}" not in name:
+        name = next((f"{mode}-seed{{}}" for mode in MODES if run.startswith(mode)), "mix-and-match-seed{}")
+    return name
 
 
 def seed_spreads(run, records):
-    """{measure: twice the sd over seeds 0-2 at T = 1} of the run's family: its seeds (a 200-epoch
-    run: those of its 50 epochs), or the tutorial's seeds of its conditioning for the runs that have
-    none (trained alphas, the shipped model)."""
-    family = re.sub(r"-seed\d+", "-seed{}", run.removesuffix("-long"))
-    if "{}" not in family:
-        family = next((f"{mode}-seed{{}}" for mode in MODES if run.startswith(mode)), "mix-and-match-seed{}")
-    seeds = [records.get(family.format(seed), {}).get("measurements", {}).get(f"{family.format(seed)}-T1")
-             for seed in SEEDS]
+    """{number name: the sd over the seeds of the run's family}, for the numbers the seeds have: each
+    epoch of the history (a continuation's later epochs: the seeds' last) and each measure at T = 1,
+    which stands in for the run's other measurements of it. {} where a seed is not recorded."""
+    seeds = [records.get(family(run).format(seed)) for seed in SEEDS]
     if None in seeds:
         return {}
-    values = {key: [seed["metrics"]["metrics"][key]["model"] for seed in seeds]
-              for key in seeds[0]["metrics"]["metrics"]}
-    return {key: 2 * statistics.stdev(v) for key, v in values.items() if None not in v}
+    values = [numbers(seed) for seed in seeds]
+    spread = {}
+    for name in values[0]:
+        column = [v.get(name) for v in values]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column):
+            spread[name] = statistics.stdev(column)
+    last = max(h["epoch"] for h in seeds[0]["history"]) if seeds[0]["history"] else 0
+    by_key = {name.split(" ", 1)[1]: sd for name, sd in spread.items() if name.startswith("T1 ")}
+    by_key.update({name.split(" ", 2)[2]: sd for name, sd in spread.items() if name.startswith(f"epoch {last} ")})
+    record = records.get(run)
+    if record:  # the run's own names: a later epoch, another measurement
+        for name in numbers(record):
+            if name not in spread:
+                key = name.split(" ", 2)[2] if name.startswith("epoch ") else name.split(" ", 1)[1]
+                if key in by_key:
+                    spread[name] = by_key[key]
+    return spread
+
+
+def number_limit(count):
+    """The most seed sds one of `count` numbers may be from its record: the two-sided normal bound
+    at FALSE_ALARM / count (Bonferroni), so that a run of 465 numbers fails by chance no more often
+    than a run of 21, if each number were as far from its record as a seed is from the seeds' mean."""
+    return statistics.NormalDist().inv_cdf(1 - FALSE_ALARM / (2 * count))
+
+
+def judge(old, new, spread):
+    """How far the numbers `new` are from `old` ({name: value}), in seed sds: {"rows": [(name, old,
+    new, sds; None where it has no spread)], "history" and "measures" (their root mean squares),
+    "worst", "limit", "judged" (how many), "failing": [names], "agrees"}. A number new has and old
+    has not (a newer history field) is not judged."""
+    rows, failing = [], []
+    for name, value in old.items():
+        now = new.get(name)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, now)):
+            rows.append((name, value, now, None))  # n/a, a missing number: equal or not at all
+            if value != now:
+                failing.append(name)
+            continue
+        sd = spread.get(name)
+        if sd == 0:  # the seeds agree exactly: so must the run, up to rounding
+            sds = 0.0 if abs(now - value) <= AGREE * max(abs(value), abs(now)) else float("inf")
+        else:
+            sds = None if sd is None else abs(now - value) / sd
+        rows.append((name, value, now, sds))
+    # a number held more than once counts once: the posterior's measures (KL, active units, the
+    # likelihoods) do not depend on the temperature, and each measurement at one alpha repeats them
+    distinct = {(name.rsplit(" ", 1)[-1], value, now): (name, sds) for name, value, now, sds in rows
+                if sds is not None and spread.get(name) != 0}
+    judged = [sds for _, sds in distinct.values()]
+    limit = number_limit(max(len(judged), 1))
+    failing += [name for name, *_, sds in rows if sds is not None and sds > limit]
+
+    def rms(history):
+        values = [sds for name, sds in distinct.values() if name.startswith("epoch ") is history]
+        return (sum(v * v for v in values) / len(values)) ** 0.5 if values else 0.0
+    history = rms(True)
+    return {"rows": rows, "history": history, "measures": rms(False), "worst": max(judged, default=None),
+            "limit": limit, "judged": len(judged), "failing": failing,
+            "agrees": bool(judged) and not failing and history <= HISTORY_LIMIT}
+
+
+def same_kind(record, new):
+    """Whether a run measured again ran where its record's run did: the same CPU model, instruction
+    set and versions (a version the record does not name, from before the field, is not compared)."""
+    return all(record.get(key) == new.get(key) for key in ("cpu", "cpu_capability", *VERSIONS) if key in record)
+
+
+def compare(record, new, records):
+    """Print the verdict on a run measured again (new) against its record, the numbers closest to
+    their limit, then every number; return the exit code (0: it reproduces, 1: it does not)."""
+    old_numbers, new_numbers = numbers(record), numbers(new)
+    kind = same_kind(record, new)
+    unnamed = [key for key in VERSIONS if key not in record]
+    where = (f"{record['threads']} thread(s), this machine of the record's kind" if kind else
+             f"{record['threads']} thread(s), the record's {describe(record)} against this {describe(new)}")
+    if kind:  # bit for bit, history and measures
+        differing = [name for name in old_numbers if old_numbers[name] != new_numbers.get(name)]
+        differing += [name for name in new_numbers if name not in old_numbers]
+        verdict = (f"{record['run']} agrees with its record bit for bit" if not differing else
+                   f"{record['run']} does not agree with its record: {len(differing)} of {len(old_numbers)} "
+                   f"numbers differ, where this machine is of the record's kind"
+                   + (f" (the record names no {', '.join(unnamed)}: install the versions README names)"
+                      if unnamed else ""))
+        print(f"{verdict}\n{where}")
+        closest = sorted(differing, key=lambda name: -relative(old_numbers.get(name), new_numbers.get(name)))
+        print_numbers("the most different", closest[:5], old_numbers, new_numbers, {})
+        print_numbers("every number", list(old_numbers), old_numbers, new_numbers, {})
+        return 1 if differing else 0
+    spread = seed_spreads(record["run"], records)
+    verdict = judge(old_numbers, new_numbers, spread)
+    if not verdict["judged"]:
+        print(f"{record['run']} cannot be judged: the records hold no seeds of its family "
+              f"({family(record['run']).format('N')}) to give its numbers a spread")
+        return 1
+    failing = verdict["failing"]
+    why = ", ".join(failing[:5]) + (f" and {len(failing) - 5} more" if len(failing) > 5 else "")
+    print(f"{record['run']} reproduces its record up to rounding" if verdict["agrees"] else
+          f"{record['run']} does not reproduce its record: {why or 'its training is another run'}")
+    print(f"{where}\n"
+          f"its training: {verdict['history']:.2f} seed sds from its record (root mean square over its history; "
+          f"the limit {HISTORY_LIMIT}, another run about 1.4)\n"
+          f"each number: at most {verdict['worst']:.2f} seed sds (the limit {verdict['limit']:.2f} for "
+          f"{verdict['judged']} numbers); the measures {verdict['measures']:.2f} (root mean square)")
+    closest = sorted((row for row in verdict["rows"] if row[3] is not None), key=lambda row: -row[3])
+    print_numbers("the closest to their limit", [row[0] for row in closest[:5]], old_numbers, new_numbers, spread)
+    print_numbers("every number", list(old_numbers), old_numbers, new_numbers, spread)
+    return 0 if verdict["agrees"] else 1
+
+
+def verify_trials(records, again):
+    """[(what, the run, judge's verdict)] of --verify's criterion on the records' pairs, no training
+    needed: each run of `again` (trained and measured again elsewhere, samples/verify/) and the
+    shipped model (2 threads) as mix-and-match-seed0 (1 thread) should agree; under each of those
+    runs' names, every other record of its decoder (its family's other seeds, other conditionings,
+    alphas, fixes), and the run again with one measure moved by MOVED seed sds more from its record,
+    should not."""
+    same = [(run, numbers(records[run]), numbers(new)) for run, new in sorted(again.items()) if run in records]
+    if {"shipped", "mix-and-match-seed0"} <= set(records):  # the same seed, run and measurements on 2 threads
+        shipped = numbers(records["shipped"])
+        same.append(("mix-and-match-seed0", numbers(records["mix-and-match-seed0"]), shipped))
+    trials = []
+    for run, old, new in same:
+        spread = seed_spreads(run, records)
+        common = {name: value for name, value in old.items() if name in new}
+        trials.append(("the same run", run, judge(common, new, spread)))
+        decoder = records[run]["config"].get("decoder", "mlp")
+        for other, record in sorted(records.items()):
+            if {run, other} <= {"shipped", "mix-and-match-seed0"} or record["config"].get("decoder", "mlp") != decoder:
+                continue  # the run itself, or the shipped model and mix-and-match-seed0: one run
+            theirs = numbers(record)
+            what = "another seed" if family(other) == family(run) and re.search(r"-seed\d+$", other) else "another run"
+            trials.append((what, run, judge({n: v for n, v in common.items() if n in theirs}, theirs, spread)))
+        for name, value in common.items():
+            if not name.startswith("epoch ") and spread.get(name) and isinstance(new.get(name), (int, float)):
+                away = 1 if new[name] >= value else -1  # from the record, by MOVED sds at the least
+                moved = {**new, name: new[name] + away * MOVED * spread[name]}
+                trials.append((f"one measure moved by {MOVED:g} seed sds", run, judge(common, moved, spread)))
+    return trials
+
+
+MOVED = 6  # a measure moved by hand, in seed sds: beyond any count's limit (4.3 for 500 numbers)
+
+
+def describe(record):
+    return f"{record['cpu']} ({record['cpu_capability']}, " + ", ".join(
+        f"{key} {record[key]}" for key in VERSIONS if key in record) + ")"
+
+
+def relative(a, b):
+    if not all(isinstance(v, (int, float)) for v in (a, b)):
+        return float("inf")
+    return abs(a - b) / max(abs(a), abs(b), 1e-30)
+
+
+def print_numbers(title, names, old, new, spread):
+    if not names:
+        return
+    print(f"\n{title}:\n{'number':<44} {'record':>11} {'now':>11} {'seed sd':>9} {'seed sds':>9}")
+    for name in names:
+        value, now, sd = old.get(name), new.get(name), spread.get(name)
+        sds = (f"{abs(now - value) / sd:.2f}" if sd else "equal" if value == now else "differs") \
+            if all(isinstance(v, (int, float)) for v in (value, now)) and sd is not None else ""
+        print(f"{name:<44} {cell(value):>11} {cell(now):>11} {'' if sd is None else f'{sd:.4f}':>9} {sds:>9}")
 
 
 def latent_runs():
@@ -808,15 +994,32 @@ def read_json_file(path):
 
 def environment(threads):
     """What a record says it ran on: the commit of the code (with "+uncommitted" where tracked
-    Python files differ from it), torch, the CPU model and its instruction set, the threads."""
+    Python files differ from it), the versions that change a number (VERSIONS), the CPU model and
+    its instruction set, the threads."""
     def git(*words):
         result = subprocess.run(["git", "-C", REPO, *words], capture_output=True, text=True, check=False)
         return result.stdout.strip() if result.returncode == 0 else None
     commit = git("rev-parse", "HEAD")
     if commit and git("status", "--porcelain", "--untracked-files=no", "--", "*.py"):
         commit += "+uncommitted"
-    return {"commit": commit, "torch": torch.__version__, "cpu": cpu_model(),
+    return {"commit": commit, **versions(), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": threads}
+
+
+# what changes a number besides the code and the CPU: torch's kernels; torchvision (MNIST's decoding
+# and the completion grids); numpy (the KL weight's exp); Python. The records before these fields
+# name torch alone
+VERSIONS = ("torch", "torchvision", "numpy", "python")
+
+
+def versions():
+    import platform
+
+    import numpy
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
 
 
 def cpu_model():
@@ -831,26 +1034,72 @@ def cpu_model():
 
 def read_records(folder):
     """{run: record} of every record in the folder; a broken one (cut short, edited, another
-    layout) ends the command in one line naming it, before anything is written."""
+    layout, a number that is not one) ends the command in one line naming it, before anything is
+    written."""
     records = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
             with open(path) as f:
-                record = json.load(f)
+                record = json.load(f, parse_constant=not_a_number)
         except (OSError, ValueError) as e:
-            sys.exit(f"error: the record {path} cannot be read ({type(e).__name__}): restore it with git checkout, "
-                     f"or delete it to train and measure that run again")
-        missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
-        broken = missing or record["run"] != os.path.basename(path).removesuffix(".json") or any(
-            not isinstance(m, dict) or metrics_json(m.get("metrics")) is None
-            for m in record["measurements"].values())
-        if broken:
-            what = f"no {', '.join(missing)}" if missing else "a measurement that is not sample.py's metrics JSON" \
-                if record["run"] == os.path.basename(path).removesuffix(".json") else f"the run {record['run']!r}"
-            sys.exit(f"error: the record {path} is not one of this reproduction's ({what}): restore it with git "
+            reason = str(e) if type(e) is ValueError else type(e).__name__  # a NaN says so; a cut file its kind
+            sys.exit(f"error: the record {path} cannot be read ({reason}): restore it with git checkout, or delete it "
+                     f"to train and measure that run again")
+        problem = record_problem(record, os.path.basename(path).removesuffix(".json"))
+        if problem:
+            sys.exit(f"error: the record {path} is not one of this reproduction's ({problem}): restore it with git "
                      f"checkout, or delete it to train and measure that run again")
         records[record["run"]] = record
     return records
+
+
+def not_a_number(constant):
+    raise ValueError(f"{constant} where a number should be")
+
+
+def record_problem(record, name):
+    """What is wrong with a record of the run `name`, in a few words, or None: each field the
+    tables, the progress and --verify read, of the type they read."""
+    def number(value, none=False):
+        return (value is None and none) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a record"
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if record["run"] != name:
+        return f"the run {record['run']!r}"
+    train = record["train"]
+    if train is not None and not (
+            isinstance(train, dict) and isinstance(train.get("flags"), list) and isinstance(train.get("epochs"), int)
+            and isinstance(train.get("first_epoch"), int) and number(train.get("seconds"))
+            and isinstance(train.get("continues"), (str, type(None)))):
+        return "a train field without its flags, epochs, first epoch, seconds and the run it continues"
+    if not isinstance(record["config"], dict):
+        return "a config that is not the checkpoint's"
+    history = record["history"]
+    if not isinstance(history, list) or not all(
+            isinstance(h, dict) and isinstance(h.get("epoch"), int) and number(h.get("seconds"))
+            and all(number(v, none=True) for k, v in h.items()) for h in history):
+        return "a history whose epochs are not numbers, each with its epoch and seconds"
+    if not isinstance(record["measurements"], dict):
+        return "measurements that are not a table of measurements"
+    for m, measurement in record["measurements"].items():
+        if not isinstance(measurement, dict) or metrics_json(measurement.get("metrics")) is None:
+            return f"the measurement {m} is not sample.py's metrics JSON"
+        if not isinstance(measurement.get("flags"), list) or "seconds" not in measurement or not number(
+                measurement["seconds"], none=True):
+            return f"the measurement {m} has no flags or seconds"
+        metrics = measurement["metrics"]
+        if not number(metrics.get("temperature")) or not all(
+                isinstance(v, dict) and isinstance(v.get("name"), str) and number(v.get("model"), none=True)
+                and number(v.get("real_top"), none=True) for v in metrics["metrics"].values()):
+            return f"the measurement {m} has a measure that is not a number, or no temperature"
+    if not (isinstance(record["threads"], int) and record["threads"] >= 1) or not all(
+            isinstance(record[key], str) for key in ("torch", "cpu", "cpu_capability")):
+        return "no thread count, torch, CPU or instruction set"
+    return None
 
 
 def recorded(args, name):
@@ -1048,6 +1297,46 @@ def sweep_table(metrics):
             values = [metrics[f"{run}-seed0-T1"]["metrics"][key]["model"] for key in FIXES_KEYS]
             lines.append(f"| {label} | " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
+
+
+def verify_tables(records, records_dir):
+    """The report's table of --verify's criterion on the records' pairs (verify_trials), and one line
+    per run trained and measured again on another machine (the runs of samples/verify/, beside the
+    records' folder)."""
+    again = read_records(again_folder(records_dir))
+    trials = verify_trials(records, again)
+    if not trials:
+        return "*No run is trained and measured again yet.*", "*No run is trained and measured again yet.*\n"
+    kinds = {}
+    for what, _, verdict in trials:
+        kinds.setdefault(what, []).append(verdict)
+
+    def span(values):
+        return f"{min(values):.2f} to {max(values):.2f}"
+    lines = ["| a run's record against | pairs | judged to reproduce | history (seed sds) | most seed sds |",
+             "|---|---:|---:|---:|---:|"]
+    for what, verdicts in kinds.items():
+        label = {"the same run": "the same run, trained and measured again",
+                 "another seed": "another seed of its family, under its name",
+                 "another run": "another run of its decoder, under its name"}.get(what, what)
+        lines.append(f"| {label} | {len(verdicts)} | {sum(v['agrees'] for v in verdicts)} | "
+                     f"{span([v['history'] for v in verdicts])} | {span([v['worst'] for v in verdicts])} |")
+    runs = ["| run | measured again on | numbers | history | measures | most seed sds (limit) | verdict |",
+            "|---|---|---:|---:|---:|---:|---|"]
+    for what, run, verdict in trials:
+        if what == "the same run":
+            where = (f"{again[run]['cpu']}, {again[run]['threads']} thread(s)" if run in again else
+                     "its record's CPU, 2 threads: the shipped model")
+            runs.append(f"| {run} | {where} | {verdict['judged']} | {verdict['history']:.2f} | "
+                        f"{verdict['measures']:.2f} | {verdict['worst']:.2f} ({verdict['limit']:.2f}) | "
+                        f"{'reproduces' if verdict['agrees'] else 'does not'} |")
+    return "\n".join(lines), "\n".join(runs) + "\n"
+
+
+def again_folder(records_dir):
+    """Where the runs trained and measured again by --verify on other machines are kept: verify/
+    beside the records' folder (samples/verify/)."""
+    return os.path.join(os.path.dirname(records_dir), "verify")
 
 
 def cell(value):

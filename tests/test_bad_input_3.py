@@ -164,6 +164,12 @@ def test_a_lock_names_its_host_and_only_this_hosts_dead_ones_are_taken_over(tmp_
     lock.write_text("")  # being written: held
     with process_lock(str(lock)) as holder:
         assert holder == "an unknown process"
+    for content in (b"\x89PNG\r\n\x1a\n\0\0", b"two words and more"):  # not a lock: named, not a traceback
+        lock.write_bytes(content)
+        with pytest.raises(SystemExit) as e, process_lock(str(lock)):
+            pass
+        assert str(e.value).startswith(f"error: the lock file {lock} holds {content[:40]!r}, not a host and a process "
+                                       f"id") and "delete it" in str(e.value) and lock.read_bytes() == content
 
 
 # ----------------------------------------------------------------------------- a checkout the user cannot write
