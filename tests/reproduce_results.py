@@ -52,7 +52,16 @@ sys.path.insert(0, REPO)
 import torch
 
 from one_side_random import SIDES
-from utils import atomic_write, mnist_dataset, plot_history, positive_int, process_lock, save_figure, save_json
+from utils import (
+    atomic_write,
+    mnist_dataset,
+    plot_history,
+    positive_int,
+    process_lock,
+    save_figure,
+    save_json,
+    writable_dir,
+)
 
 MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
 SEEDS = (0, 1, 2)
@@ -116,6 +125,13 @@ def main():
     args = parser.parse_args()
     if args.check and not args.tables:
         parser.error("--check compares the documents' tables: add --tables")
+    given = [flag for flag, value in (("--tables", args.tables), ("--verify", args.verify),
+                                      ("--section", args.section)) if value]
+    if len(given) > 1:  # each is a command of its own: one would be ignored
+        parser.error(f"{' and '.join(given)}: give one of them (--tables writes every table, --verify RUN "
+                     f"trains one run again, --section NAME reproduces one section)")
+    if args.verify and (args.threads or args.jobs != 1):
+        parser.error("--verify trains with its record's thread count, on one worker: leave out --threads and --jobs")
     # the scripts run in the repository: paths given relative to where this command runs are made whole
     args.data_root, args.runs_dir, args.records_dir = map(os.path.abspath, (args.data_root, args.runs_dir,
                                                                             args.records_dir))
@@ -130,8 +146,13 @@ def main():
         if args.verify and args.verify not in records:
             sys.exit(f"error: no record of a run named {args.verify!r}; the runs recorded: "
                      f"{', '.join(sorted(records)) or 'none yet'}")
+        if args.verify:
+            verify_chain(args.verify, records)  # a continuation whose start is not recorded ends here
         for train in (True, False):  # a wrong --data-root ends here, not in the first of many trainings
             mnist_dataset(args.data_root, train)
+        if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
+            sys.exit(f"error: --runs-dir {args.runs_dir} is a file, not a folder; pass another --runs-dir")
+        writable_dir(args.runs_dir, "--runs-dir")  # not a full disk's message for a folder that cannot be written
         sys.exit(verify(args, records) if args.verify else reproduce(args))
     except KeyboardInterrupt:  # train.py and sample.py got the Ctrl-C too, and left their files whole
         sys.exit("interrupted: the runs and measurements finished so far are kept; run the same command again to "
@@ -360,7 +381,12 @@ def write_documents(records_dir, check=False):
 
     def body(sections, make):
         waiting = [section for section in sections if missing[section]]
-        return pending(waiting, missing) if waiting else make(metrics, records)
+        try:
+            return pending(waiting, missing) if waiting else make(metrics, records)
+        except KeyError as e:  # a record of the plan's run without a measure (or a field) its table reads
+            sys.exit(f"error: a table of section {', '.join(sections) or 'provenance'} reads {e} where the records in "
+                     f"{records_dir} have none: restore them with git checkout, or delete the run's record to measure "
+                     f"it again")
     known, written = tables(records_dir), {}
     for document in DOCUMENTS:
         text = read_text(os.path.join(DOCUMENT_ROOT, document))
@@ -432,7 +458,8 @@ def provenance(records, records_dir):
     def tally(values):
         return ", ".join(f"{value} ({values.count(value)})" for value in sorted(set(values), key=str))
     def counted(key):
-        return tally([record[key][:7] + record[key][40:] if key == "commit" and record[key] else record[key]
+        return tally([record[key][:7] + record[key][40:] if key == "commit" and record[key] else
+                      record.get(key, "not named")  # torchvision, numpy, Python: not in the records before them
                       for record in records.values()])  # a commit's short name, and "+uncommitted" if it says so
     judges = tally([f"{m['metrics']['classifier_accuracy']:.2%}" for record in records.values()
                     for m in record["measurements"].values()])
@@ -444,7 +471,8 @@ def provenance(records, records_dir):
             if run in records)
         counted_runs |= runs
         hours.append(f"{section} {seconds / 3600:.1f}")
-    return (f"{len(records)} runs recorded. Commits (runs): {counted('commit')}. torch: {counted('torch')}. "
+    return (f"{len(records)} runs recorded. Commits (runs): {counted('commit')}. "
+            + " ".join(f"{key}: {counted(key)}." for key in VERSIONS) + " "
             f"CPUs: {counted('cpu')}, instruction set {counted('cpu_capability')}, threads per run "
             f"{counted('threads')}. The digit classifier's test accuracy (measurements): {judges}. Core-hours "
             f"recorded, training and measuring (a run shared by two sections in the first): {', '.join(hours)}.")
@@ -458,9 +486,7 @@ def verify(args, records):
     set, torch); elsewhere each measure's difference beside twice its seed spread. Returns the exit
     code: 0 where the run agrees, 1 naming the measures that do not."""
     record = records[args.verify]
-    chain = [args.verify]
-    while records[chain[0]]["train"] and records[chain[0]]["train"]["continues"]:
-        chain.insert(0, records[chain[0]]["train"]["continues"])
+    chain = verify_chain(args.verify, records)
     trainings = {name: (records[name]["train"]["flags"], records[name]["train"]["epochs"],
                         records[name]["train"]["continues"]) for name in chain if records[name]["train"]}
     with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
@@ -481,17 +507,31 @@ def verify(args, records):
 
 
 # --verify on another kind of machine. Each number of a run (its history, epoch by epoch, and every
-# measure of every measurement) is judged in units of its seed spread: the sd over the seeds of the
-# run's family of the same number (the same epoch; the same measure at T = 1, which stands in for the
-# temperatures and test-time alphas: they are measured on seed 0 alone, and a seed's spread is one of
-# the trained model, which they share). Rounding grows over the epochs into a fraction of a seed sd
-# of the history (0.13 to 0.15 on the records' pairs), where another run is about sqrt(2) sds away
-# (two draws of the seeds' spread; 0.72 at the least): the history tells the run from another. The
-# k-NN and classifier measures are not as telling: rounding moves them by half a seed sd or more (a
-# completion near a neighbour's radius flips), as it moves another seed's
-HISTORY_LIMIT = 0.5  # the history's root mean square, in seed sds: one test per run, whatever its length
+# measure of every measurement) is judged in units of the seed spread of its own kind: the sd over
+# the seeds of the same number (the same epoch and loss; the same measure), pooled over every family
+# of the run's decoder whose three seeds are recorded (three seeds alone give an sd that is now and
+# then ten times too small). The measure at T = 1 stands in for the temperatures and test-time
+# alphas, measured on seed 0 alone: a seed's spread is one of the trained model, which they share.
+# Rounding starts at the last bit and grows over the epochs; another run differs from the first
+# epoch on: the first EARLY_EPOCHS tell the run from another (0.02 to 0.05 seed sds on the records'
+# pairs, another seed 0.6 or more). The measures are less telling: rounding moves the k-NN and
+# classifier ones by half a seed sd or more (a completion near a neighbour's radius flips)
+EARLY_EPOCHS = 10
+HISTORY_LIMIT = 0.25  # the first epochs' root mean square, in seed sds: one test per run, whatever its length
 FALSE_ALARM = 0.01  # each number's limit: a run a seed sd from its record fails with this chance at most
 AGREE = 1e-6  # a number its seeds agree on exactly (32 active units, the KL weight) agrees to this, relative
+
+
+def verify_chain(run, records):
+    """[the run it continues from scratch, ..., run]: the recorded runs --verify trains, in order."""
+    chain = [run]
+    while records[chain[0]]["train"] and records[chain[0]]["train"]["continues"]:
+        start = records[chain[0]]["train"]["continues"]
+        if start not in records:
+            sys.exit(f"error: {chain[0]} continues {start}, which has no record: "
+                     f"restore {start}.json with git checkout to verify {run}")
+        chain.insert(0, start)
+    return chain
 
 
 def numbers(record):
@@ -507,39 +547,45 @@ def numbers(record):
 
 
 def family(run):
-    """The seeds' run names ("mix-and-match-seed{}") whose spread judges a run: its own seeds (a
-    200-epoch run: those of its 50 epochs), or the tutorial's seeds of its conditioning for the runs
-    that have none (trained alphas, the shipped model)."""
-    name = re.sub(r"-seed\d+", "-seed{}", run.removesuffix("-long"))
-    if "{}" not in name:
-        name = next((f"{mode}-seed{{}}" for mode in MODES if run.startswith(mode)), "mix-and-match-seed{}")
-    return name
+    """The family of a seed's run ("mix-and-match" of "mix-and-match-seed1"), or None."""
+    match = re.fullmatch(r"(.+)-seed(\d+)", run)
+    return match[1] if match and int(match[2]) in SEEDS else None
 
 
 def seed_spreads(run, records):
-    """{number name: the sd over the seeds of the run's family}, for the numbers the seeds have: each
-    epoch of the history (a continuation's later epochs: the seeds' last) and each measure at T = 1,
-    which stands in for the run's other measurements of it. {} where a seed is not recorded."""
-    seeds = [records.get(family(run).format(seed)) for seed in SEEDS]
-    if None in seeds:
-        return {}
-    values = [numbers(seed) for seed in seeds]
-    spread = {}
-    for name in values[0]:
-        column = [v.get(name) for v in values]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column):
-            spread[name] = statistics.stdev(column)
-    last = max(h["epoch"] for h in seeds[0]["history"]) if seeds[0]["history"] else 0
+    """{number name: its seed sd, pooled over the families of the run's decoder with every seed
+    recorded}: each epoch of the history (a continuation's later epochs: the seeds' last) and each
+    measure at T = 1, which stands in for the run's other measurements of it. {} where no family
+    of its decoder has all its seeds."""
+    decoder = decoder_in(records.get(run))
+    families = {}
+    for name, record in records.items():
+        if family(name) and decoder_in(record) == decoder:
+            families.setdefault(family(name), []).append(numbers(record))
+    squares, freedoms = {}, {}
+    for seeds in families.values():
+        if len(seeds) != len(SEEDS):
+            continue
+        for name in seeds[0]:
+            column = [values.get(name) for values in seeds]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column):
+                mean = sum(column) / len(column)
+                squares[name] = squares.get(name, 0.0) + sum((v - mean) ** 2 for v in column)
+                freedoms[name] = freedoms.get(name, 0) + len(column) - 1
+    spread = {name: (squares[name] / freedoms[name]) ** 0.5 for name in squares}
+    last = max((int(name.split()[1]) for name in spread if name.startswith("epoch ")), default=0)
     by_key = {name.split(" ", 1)[1]: sd for name, sd in spread.items() if name.startswith("T1 ")}
     by_key.update({name.split(" ", 2)[2]: sd for name, sd in spread.items() if name.startswith(f"epoch {last} ")})
-    record = records.get(run)
-    if record:  # the run's own names: a later epoch, another measurement
-        for name in numbers(record):
-            if name not in spread:
-                key = name.split(" ", 2)[2] if name.startswith("epoch ") else name.split(" ", 1)[1]
-                if key in by_key:
-                    spread[name] = by_key[key]
+    for name in numbers(records[run]) if run in records else ():  # a later epoch, another measurement
+        if name not in spread:
+            key = name.split(" ", 2)[2] if name.startswith("epoch ") else name.split(" ", 1)[1]
+            if key in by_key:
+                spread[name] = by_key[key]
     return spread
+
+
+def decoder_in(record):
+    return (record or {}).get("config", {}).get("decoder", "mlp")
 
 
 def number_limit(count):
@@ -551,7 +597,8 @@ def number_limit(count):
 
 def judge(old, new, spread):
     """How far the numbers `new` are from `old` ({name: value}), in seed sds: {"rows": [(name, old,
-    new, sds; None where it has no spread)], "history" and "measures" (their root mean squares),
+    new, sds; None where it has no spread)], "history" (the root mean square of the first
+    EARLY_EPOCHS) and "measures" (of every measure),
     "worst", "limit", "judged" (how many), "failing": [names], "agrees"}. A number new has and old
     has not (a newer history field) is not judged."""
     rows, failing = [], []
@@ -570,17 +617,18 @@ def judge(old, new, spread):
         rows.append((name, value, now, sds))
     # a number held more than once counts once: the posterior's measures (KL, active units, the
     # likelihoods) do not depend on the temperature, and each measurement at one alpha repeats them
-    distinct = {(name.rsplit(" ", 1)[-1], value, now): (name, sds) for name, value, now, sds in rows
-                if sds is not None and spread.get(name) != 0}
+    distinct = {name if name.startswith("epoch ") else (name.rsplit(" ", 1)[-1], value, now): (name, sds)
+                for name, value, now, sds in rows if sds is not None and spread.get(name) != 0}
     judged = [sds for _, sds in distinct.values()]
     limit = number_limit(max(len(judged), 1))
     failing += [name for name, *_, sds in rows if sds is not None and sds > limit]
 
-    def rms(history):
-        values = [sds for name, sds in distinct.values() if name.startswith("epoch ") is history]
+    def rms(values):
         return (sum(v * v for v in values) / len(values)) ** 0.5 if values else 0.0
-    history = rms(True)
-    return {"rows": rows, "history": history, "measures": rms(False), "worst": max(judged, default=None),
+    history = rms([sds for name, sds in distinct.values()
+                   if name.startswith("epoch ") and int(name.split()[1]) <= EARLY_EPOCHS])
+    measures = rms([sds for name, sds in distinct.values() if not name.startswith("epoch ")])
+    return {"rows": rows, "history": history, "measures": measures, "worst": max(judged, default=None),
             "limit": limit, "judged": len(judged), "failing": failing,
             "agrees": bool(judged) and not failing and history <= HISTORY_LIMIT}
 
@@ -615,16 +663,16 @@ def compare(record, new, records):
     spread = seed_spreads(record["run"], records)
     verdict = judge(old_numbers, new_numbers, spread)
     if not verdict["judged"]:
-        print(f"{record['run']} cannot be judged: the records hold no seeds of its family "
-              f"({family(record['run']).format('N')}) to give its numbers a spread")
+        print(f"{record['run']} cannot be judged: the records hold no family of its decoder "
+              f"({decoder_in(record)}) with seeds {', '.join(map(str, SEEDS))} to give its numbers a spread")
         return 1
     failing = verdict["failing"]
     why = ", ".join(failing[:5]) + (f" and {len(failing) - 5} more" if len(failing) > 5 else "")
     print(f"{record['run']} reproduces its record up to rounding" if verdict["agrees"] else
           f"{record['run']} does not reproduce its record: {why or 'its training is another run'}")
     print(f"{where}\n"
-          f"its training: {verdict['history']:.2f} seed sds from its record (root mean square over its history; "
-          f"the limit {HISTORY_LIMIT}, another run about 1.4)\n"
+          f"its first {EARLY_EPOCHS} epochs: {verdict['history']:.2f} seed sds from its record (root mean square; "
+          f"the limit {HISTORY_LIMIT}, another seed's 0.6 or more)\n"
           f"each number: at most {verdict['worst']:.2f} seed sds (the limit {verdict['limit']:.2f} for "
           f"{verdict['judged']} numbers); the measures {verdict['measures']:.2f} (root mean square)")
     closest = sorted((row for row in verdict["rows"] if row[3] is not None), key=lambda row: -row[3])
@@ -640,21 +688,21 @@ def verify_trials(records, again):
     runs' names, every other record of its decoder (its family's other seeds, other conditionings,
     alphas, fixes), and the run again with one measure moved by MOVED seed sds more from its record,
     should not."""
-    same = [(run, numbers(records[run]), numbers(new)) for run, new in sorted(again.items()) if run in records]
+    same = [(run, run, numbers(records[run]), numbers(new)) for run, new in sorted(again.items()) if run in records]
     if {"shipped", "mix-and-match-seed0"} <= set(records):  # the same seed, run and measurements on 2 threads
-        shipped = numbers(records["shipped"])
-        same.append(("mix-and-match-seed0", numbers(records["mix-and-match-seed0"]), shipped))
+        same.append((SHIPPED_AS_SEED0, "mix-and-match-seed0", numbers(records["mix-and-match-seed0"]),
+                     numbers(records["shipped"])))
     trials = []
-    for run, old, new in same:
+    for label, run, old, new in same:
         spread = seed_spreads(run, records)
         common = {name: value for name, value in old.items() if name in new}
-        trials.append(("the same run", run, judge(common, new, spread)))
-        decoder = records[run]["config"].get("decoder", "mlp")
+        trials.append(("the same run", label, judge(common, new, spread)))
+        decoder = decoder_in(records[run])
         for other, record in sorted(records.items()):
-            if {run, other} <= {"shipped", "mix-and-match-seed0"} or record["config"].get("decoder", "mlp") != decoder:
+            if other == run or {run, other} == {"shipped", "mix-and-match-seed0"} or decoder_in(record) != decoder:
                 continue  # the run itself, or the shipped model and mix-and-match-seed0: one run
             theirs = numbers(record)
-            what = "another seed" if family(other) == family(run) and re.search(r"-seed\d+$", other) else "another run"
+            what = "another seed" if family(other) and family(other) == family(run) else "another run"
             trials.append((what, run, judge({n: v for n, v in common.items() if n in theirs}, theirs, spread)))
         for name, value in common.items():
             if not name.startswith("epoch ") and spread.get(name) and isinstance(new.get(name), (int, float)):
@@ -664,6 +712,7 @@ def verify_trials(records, again):
     return trials
 
 
+SHIPPED_AS_SEED0 = "shipped, as mix-and-match-seed0"  # the trial of the shipped model against seed 0's record
 MOVED = 6  # a measure moved by hand, in seed sds: beyond any count's limit (4.3 for 500 numbers)
 
 
@@ -1321,12 +1370,23 @@ def verify_tables(records, records_dir):
                  "another run": "another run of its decoder, under its name"}.get(what, what)
         lines.append(f"| {label} | {len(verdicts)} | {sum(v['agrees'] for v in verdicts)} | "
                      f"{span([v['history'] for v in verdicts])} | {span([v['worst'] for v in verdicts])} |")
+    same = kinds.get("the same run", [])
+    others = [v for what, verdicts in kinds.items() if what != "the same run" for v in verdicts]
+    counts = sorted(v["judged"] for v in same) or [1]
+
+    def rate(errors, pairs):  # with none seen, the rule of three's 95% bound
+        return f"{errors} in {pairs}" + (f", a rate below {3 / pairs:.3f} (95%)" if not errors and pairs else "")
+    lines.append(f"\nThe limits: the first {EARLY_EPOCHS} epochs within {HISTORY_LIMIT} seed sds (root mean square); "
+                 f"each number within {number_limit(counts[0]):.2f} to {number_limit(counts[-1]):.2f} seed sds, for "
+                 f"the {counts[0]} to {counts[-1]} numbers of these runs (a chance of {FALSE_ALARM} shared out over "
+                 f"them). False alarms: {rate(sum(not v['agrees'] for v in same), len(same))}; misses: "
+                 f"{rate(sum(v['agrees'] for v in others), len(others))}.")
     runs = ["| run | measured again on | numbers | history | measures | most seed sds (limit) | verdict |",
             "|---|---|---:|---:|---:|---:|---|"]
     for what, run, verdict in trials:
         if what == "the same run":
-            where = (f"{again[run]['cpu']}, {again[run]['threads']} thread(s)" if run in again else
-                     "its record's CPU, 2 threads: the shipped model")
+            where = ("the same CPU, 2 threads" if run == SHIPPED_AS_SEED0 else
+                     f"{again[run]['cpu']}, {again[run]['threads']} thread(s)")
             runs.append(f"| {run} | {where} | {verdict['judged']} | {verdict['history']:.2f} | "
                         f"{verdict['measures']:.2f} | {verdict['worst']:.2f} ({verdict['limit']:.2f}) | "
                         f"{'reproduces' if verdict['agrees'] else 'does not'} |")
