@@ -455,9 +455,11 @@ def signals_deferred():
 def process_lock(path):
     """Yields None while this process holds the lock file `path` (made with O_EXCL, holding this
     host's name and this process's id, removed at the end, Ctrl-C included); else a description of
-    the holder ("process 123 on host-a"). Several machines may share one folder (a cluster's job
-    array over one runs folder): a lock of another host is always held, since its process cannot be
-    seen from here; a lock of this host whose process has ended (killed, crashed) is taken over."""
+    the holder ("process 123 on host-a"). A lock keeps two processes of one machine apart; one whose
+    process has ended (killed, crashed) is taken over, and so is one of another host, whose process
+    cannot be seen from here: machines share a folder through a scheduler, which gives each chain
+    of runs one task (tests/reproduce_slurm.py), and a task it requeues on another node takes its
+    lock over."""
     holder = None
     for _ in range(2):  # once more after removing a dead process's lock
         try:
@@ -481,9 +483,9 @@ def process_lock(path):
 
 
 def lock_holder(path):
-    """Who holds the lock file `path` ("process 123 on host-a"), or None if it is this host's and
-    that process has ended. A lock being written (no id yet), or of another host, counts as held;
-    a lock of an older version holds a process id alone, of this host."""
+    """Who holds the lock file `path` ("process 123 on host-a"), or None if that process has ended
+    or is of another host. A lock being written (no id yet) counts as held; a lock of an older
+    version holds a process id alone, of this host."""
     try:
         with open(path, "rb") as f:
             content = f.read()
@@ -498,8 +500,8 @@ def lock_holder(path):
         raise SystemExit(f"error: the lock file {path} holds {content[:40]!r}, not a host and a process id: it is not "
                          f"this code's; if nothing runs in that folder, delete it and run the same command again")
     host, pid = words
-    if host != socket.gethostname():
-        return f"process {pid} on {host}"
+    if host != socket.gethostname():  # not this machine's to keep
+        return None
     try:
         os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:

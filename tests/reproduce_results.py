@@ -28,8 +28,11 @@ the checkpoints and logs live under results/reproduce/ (ignored by git), the rec
 committed. A recorded run is never trained again, and an interrupted training resumes from its
 newest checkpoint, so the same command continues an interrupted reproduction, on this machine or
 on another with the records. --jobs N starts N workers, each with --threads threads (the cores
-over N); machines sharing one runs folder may each run the same command: a lock per chain of runs
-names its host and process, and only a lock of this host whose process has ended is taken over.
+over N); a lock per chain of runs keeps two reproductions of one machine from training one run
+twice (a dead process's lock is taken over). On a cluster, --submit slurm sends the chains to SLURM
+as one job array through submitit (tests/reproduce_slurm.py), each task one chain:
+
+    python3 tests/reproduce_results.py --data-root DATA --submit slurm --partition NAME
 """
 import argparse
 import contextlib
@@ -39,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -122,6 +126,18 @@ def main():
                         help="only write the tables and figures from the records (no MNIST, no training)")
     parser.add_argument("--check", action="store_true",
                         help="with --tables: write nothing, exit 1 naming each document whose tables differ")
+    cluster = parser.add_argument_group("on a cluster (tests/reproduce_slurm.py)")
+    cluster.add_argument("--submit", choices=("slurm", "local"),
+                         help="submit the chains as one job array through submitit, to SLURM or to this machine, "
+                              "wait, and write the tables (default: run them here, --jobs at a time)")
+    cluster.add_argument("--partition", help="the SLURM partition (default: the cluster's default)")
+    cluster.add_argument("--time", type=positive_int, default=180,
+                         help="minutes per task (default: 180; the longest chain took 68 on 1 thread of a Xeon); "
+                              "a task that reaches them is requeued and resumes")
+    cluster.add_argument("--cpus", type=positive_int, default=1,
+                         help="CPUs (torch threads) per task (default: 1, the records' thread count)")
+    cluster.add_argument("--gpus", type=int, default=0, choices=range(9), metavar="N",
+                         help="GPUs per task, each run on --device auto (default: 0)")
     args = parser.parse_args()
     if args.check and not args.tables:
         parser.error("--check compares the documents' tables: add --tables")
@@ -132,6 +148,9 @@ def main():
                      f"trains one run again, --section NAME reproduces one section)")
     if args.verify and (args.threads or args.jobs != 1):
         parser.error("--verify trains with its record's thread count, on one worker: leave out --threads and --jobs")
+    if args.submit and (args.tables or args.verify or args.threads or args.jobs != 1):
+        parser.error("--submit runs the reproduction as a job array, --cpus threads per task: leave out --tables, "
+                     "--verify, --threads and --jobs")
     # the scripts run in the repository: paths given relative to where this command runs are made whole
     args.data_root, args.runs_dir, args.records_dir = map(os.path.abspath, (args.data_root, args.runs_dir,
                                                                             args.records_dir))
@@ -153,6 +172,8 @@ def main():
         if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
             sys.exit(f"error: --runs-dir {args.runs_dir} is a file, not a folder; pass another --runs-dir")
         writable_dir(args.runs_dir, "--runs-dir")  # not a full disk's message for a folder that cannot be written
+        if args.submit:
+            sys.exit(submit(args))
         sys.exit(verify(args, records) if args.verify else reproduce(args))
     except KeyboardInterrupt:  # train.py and sample.py got the Ctrl-C too, and left their files whole
         sys.exit("interrupted: the runs and measurements finished so far are kept; run the same command again to "
@@ -160,6 +181,16 @@ def main():
     except OSError as e:  # a full disk while writing a log, a record or a table
         sys.exit(f"error: {e.filename}: {e.strerror}. The finished runs are kept; free space, then run the same "
                  f"command again to continue.")
+
+
+def submit(args):
+    """The reproduction as a job array through submitit (tests/reproduce_slurm.py), which needs
+    submitit and, for SLURM, sbatch: each missing one is named before any work."""
+    try:
+        import reproduce_slurm
+    except ImportError as e:
+        sys.exit(f"error: --submit needs {e.name}: pip install submitit")
+    return reproduce_slurm.submit(args, [args.section] if args.section else SECTIONS)
 
 
 def plan(args, sections):
@@ -210,8 +241,10 @@ def reproduce(args):
 
     def worker():
         while (job := next_chain()) is not None:
+            chain, trainings, measures = job
             try:
-                do_chain(args, *job, t0)
+                do_chain(args, chain, trainings, chain_measures(chain, measures),
+                         lambda t=trainings, m=measures: print(progress(args, t, m, t0), flush=True))
             except BaseException as e:  # noqa: BLE001 (a failed script's SystemExit, say): the other workers stop
                 failures.append(e)
                 if args.jobs > 1:
@@ -242,9 +275,10 @@ def reproduce(args):
     return write_documents(args.records_dir)
 
 
-def do_chain(args, chain, trainings, measures, t0):
+def do_chain(args, chain, trainings, measures, after_each=None):
     """Train, measure and record each run of a chain that is not recorded yet, holding the chain's
-    lock; a chain another process or machine holds is left to it."""
+    lock (a chain another process of this machine holds is left to it); measures: the chain's
+    measurements, {name: (run, sample.py flags)}, chain_measures. after_each() runs after each record."""
     os.makedirs(args.runs_dir, exist_ok=True)
     with process_lock(os.path.join(args.runs_dir, f"{chain[0]}.lock")) as holder:
         if holder:
@@ -255,11 +289,18 @@ def do_chain(args, chain, trainings, measures, t0):
                 continue
             if name in trainings:
                 ensure_trained(args, name, trainings)
-            own = {m: [*flags, *MEASURE_FLAGS] for m, (run, flags) in measures.items() if run == name}
+            own = {m: flags for m, (run, flags) in measures.items() if run == name}
             for m, flags in own.items():
-                measure(args, m, name, flags)
+                measure(args, m, name, flags, trainings[name][1] if name in trainings else None)
             write_record(args, name, trainings, own)
-            print(progress(args, trainings, measures, t0), flush=True)
+            if after_each:
+                after_each()
+
+
+def chain_measures(chain, measures):
+    """The measurements of a chain's runs, each with its sample.py flags whole (MEASURE_FLAGS added):
+    all a worker, here or on a cluster, needs of the plan besides the trainings."""
+    return {m: (run, [*flags, *MEASURE_FLAGS]) for m, (run, flags) in measures.items() if run in chain}
 
 
 def progress(args, trainings, measures, t0):
@@ -496,7 +537,7 @@ def verify(args, records):
             ensure_trained(again, args.verify, trainings)
         own = {m: measurement["flags"] for m, measurement in record["measurements"].items()}
         for m, flags in own.items():
-            measure(again, m, args.verify, flags)
+            measure(again, m, args.verify, flags, record["train"] and record["train"]["epochs"])
         write_record(again, args.verify, trainings, own)
         new = read_records(again.records_dir)[args.verify]
     # the run as measured here, kept (the scratch folder is not) so that it can be judged again or committed
@@ -947,7 +988,7 @@ def ensure_trained(args, name, trainings):
     save_json(environment(args.threads), os.path.join(folder, "environment.json"))
 
 
-def measure(args, name, run_name, flags):
+def measure(args, name, run_name, flags, epochs=None):
     """Measure one run (unless its JSON is there and whole), its seconds beside the JSON; a grid of
     GRIDS is copied into samples/ at once, while its checkpoint is on disk."""
     folder = os.path.join(args.runs_dir, "metrics")
@@ -955,9 +996,9 @@ def measure(args, name, run_name, flags):
         if os.path.isfile(os.path.join(folder, f"{name}.json")):
             print(f"{name}: its JSON is broken (not sample.py's metrics); measuring it again")
         seconds = run(args, f"measuring {name}", os.path.join(folder, f"{name}.log"), *through(run_name, "sample.py"),
-                      "--data-root", args.data_root, "--checkpoint", final_checkpoint(args, run_name), "--metrics",
-                      "--json", os.path.join(folder, f"{name}.json"), "--out", os.path.join(folder, f"{name}.png"),
-                      *flags)
+                      "--data-root", args.data_root, "--checkpoint", final_checkpoint(args, run_name, epochs),
+                      "--metrics", "--json", os.path.join(folder, f"{name}.json"),
+                      "--out", os.path.join(folder, f"{name}.png"), *flags)
         save_json(seconds, os.path.join(folder, f"{name}.seconds.json"))
     if name in GRIDS and args.records_dir == RECORDS:  # a scratch reproduction (--verify, the tests) leaves them
         shutil.copyfile(os.path.join(folder, f"{name}.png"), os.path.join(REPO, "samples", GRIDS[name]))
@@ -978,22 +1019,46 @@ def metrics_json(measurement):
 
 def run(args, what, log, script, *script_args):
     """One script with --threads torch threads, its output in `log`; returns its seconds. A failure
-    stops the reproduction with its last lines."""
+    stops the reproduction with its last lines; a script stopped because the scheduler is ending
+    this task (STOPPING) is no failure: the task waits for its end, and resumes when requeued."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     t0 = time.time()
     print(what, flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with open(log, "w") as f:
-        result = subprocess.run([sys.executable, os.path.join(REPO, script), *script_args], cwd=REPO, env=env,
-                                stdout=f, stderr=subprocess.STDOUT, check=False)
+        process = subprocess.Popen([sys.executable, os.path.join(REPO, script), *script_args], cwd=REPO, env=env,
+                                   stdout=f, stderr=subprocess.STDOUT)
+        RUNNING.add(process)
+        try:
+            returncode = process.wait()
+        finally:
+            RUNNING.discard(process)
     seconds = time.time() - t0
     print(f"{what}: {seconds:.0f} s", flush=True)
-    if result.returncode != 0:
+    if returncode != 0 and STOPPING.is_set():
+        print(f"{what}: stopped, since the scheduler is ending this task; it resumes from its newest checkpoint "
+              f"when the task runs again", flush=True)
+        while True:  # the scheduler's SIGKILL follows within its KillWait
+            time.sleep(60)
+    if returncode != 0:
         with open(log) as f:
             tail = f.read()[-2000:]
-        sys.exit(f"{tail}\nerror: {script} failed (exit {result.returncode}), its log: {log}. "
+        sys.exit(f"{tail}\nerror: {script} failed (exit {returncode}), its log: {log}. "
                  f"Fix the cause and run this command again: it continues where it stopped.")
     return seconds
+
+
+RUNNING = set()  # the scripts running now, which a task the scheduler ends stops first (tests/reproduce_slurm.py)
+STOPPING = threading.Event()  # set once the scheduler is ending this task (preemption, requeue, its time limit)
+
+
+def stop_scripts():
+    """SIGTERM to the scripts running now (train.py stops between whole files), then wait for them."""
+    STOPPING.set()
+    for process in list(RUNNING):
+        process.send_signal(signal.SIGTERM)
+    for process in list(RUNNING):
+        process.wait()
 
 
 # ----------------------------------------------------------------------------- records

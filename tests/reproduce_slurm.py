@@ -1,0 +1,139 @@
+"""
+The reproduction on a cluster (`tests/reproduce_results.py --submit slurm`; not a test): the plan's
+chains go to SLURM as one job array through submitit, each task one chain (a run and the runs that
+continue it), trained, measured and recorded exactly as a worker of `--jobs` does it
+(reproduce_results.do_chain).
+
+- A task that SLURM preempts or brings to its time limit (submitit's USR2) stops its script
+  between whole files and is requeued through submitit's checkpointing; one that SLURM itself
+  requeues or preempts by SIGTERM stops the same way and waits for its end. Requeued, a task
+  resumes its training from the newest checkpoint (train.py --resume), so it records what an
+  uninterrupted task records.
+- A task that fails is named in one line with its log; the others go on.
+- The command waits, printing the tasks done, running, pending and failed, then plans again
+  (section "fixes" picks its later runs from earlier ones' measurements), submits what is new,
+  and writes the tables once every task has ended. Run again (a closed terminal, a failed task
+  fixed), it submits only what is neither recorded nor still in the queue: the tasks it submitted
+  are listed in RUNS_DIR/slurm/submitted.json.
+
+`--submit local` runs the same tasks through submitit's LocalExecutor, each chain a process of this
+machine at once (a check of the submission without a cluster; --jobs shares one machine better).
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import submitit
+
+import reproduce_results as rr
+from utils import save_json
+
+POLL_SECONDS = 10  # how often the command looks at the queue
+
+
+class ChainTask(submitit.helpers.Checkpointable):
+    """One task of the array: one chain, as a local worker does it, with the plan's flags whole."""
+
+    def __init__(self, args, chain, trainings, measures):
+        self.args, self.chain, self.trainings, self.measures = args, chain, trainings, measures
+
+    def __call__(self):
+        # SIGTERM (scontrol requeue, a preemption, scancel) reaches every process of the task: the
+        # script stops between whole files, and its stop is no failure (reproduce_results.run)
+        signal.signal(signal.SIGTERM, lambda signum, frame: rr.STOPPING.set())
+        rr.do_chain(self.args, self.chain, self.trainings, self.measures)
+        return self.chain
+
+    def checkpoint(self, *args, **kwargs):
+        """USR2, the time limit's or a preemption's signal: stop the script between whole files, then
+        let submitit requeue this same task, which resumes from the newest checkpoint."""
+        rr.stop_scripts()
+        return super().checkpoint(*args, **kwargs)
+
+
+def submit(args, sections):
+    """Submit, wait for and finish the reproduction on args.submit ("slurm" or "local"); returns the
+    exit code: 0 once every run is recorded and the tables are written, 1 naming the failed tasks."""
+    if args.submit == "slurm" and not shutil.which("sbatch"):
+        sys.exit("error: --submit slurm needs SLURM's sbatch, and this machine has none: run the command on the "
+                 "cluster's login node, or use --jobs N on this machine")
+    folder = os.path.join(args.runs_dir, "slurm")
+    # a task imports this file, the scripts' utils and reproduce_results, as this command does
+    os.environ["PYTHONPATH"] = os.pathsep.join([rr.REPO, os.path.dirname(os.path.abspath(__file__)),
+                                                *filter(None, [os.environ.get("PYTHONPATH")])])
+    executor = submitit.AutoExecutor(folder=os.path.join(folder, "%A"), cluster=args.submit)
+    executor.update_parameters(name="reproduce", timeout_min=args.time, cpus_per_task=args.cpus,
+                               gpus_per_node=args.gpus, **({"slurm_partition": args.partition}
+                                                           if args.partition and args.submit == "slurm" else {}))
+    task_args = rr.argparse.Namespace(**{**vars(args), "threads": args.cpus})
+    listed = os.path.join(folder, "submitted.json")
+    submitted = rr.read_json_file(listed) or {}  # {first run of a chain: {"job": "1234_5", "log": path}}
+    jobs, failed, t0, last = {}, set(), time.time(), None
+    while True:
+        trainings, measures = rr.plan(args, sections)
+        todo = [chain for chain in rr.chains(trainings, measures) if not all(rr.recorded(args, r) for r in chain)]
+        states = queue_states(args, {chain[0]: submitted.get(chain[0]) for chain in todo}, jobs)
+        new = [chain for chain in todo if states[chain[0]] == "ended" and chain[0] not in failed
+               and chain[0] not in jobs]
+        for chain in [chain for chain in todo if states[chain[0]] == "ended" and chain[0] in jobs]:
+            failed.add(chain[0])  # ended without its records
+            jobs.pop(chain[0])
+            print(f"failed: {chain[0]} (task {submitted[chain[0]]['job']}), its log: {submitted[chain[0]]['log']}",
+                  flush=True)
+        waiting = [name for name, state in states.items() if state != "ended"]
+        if new and not waiting:  # every task of the plan so far has ended: submit what is left, in one array
+            os.makedirs(folder, exist_ok=True)
+            with executor.batch():
+                batch = [(chain, executor.submit(ChainTask(task_args, chain, trainings,
+                                                           rr.chain_measures(chain, measures)))) for chain in new]
+            for chain, job in batch:
+                jobs[chain[0]] = job
+                submitted[chain[0]] = {"job": job.job_id, "log": str(job.paths.stderr)}
+            save_json(submitted, listed, indent=1)
+            array = batch[0][1].job_id.split("_")[0]
+            print(f"submitted {len(batch)} chains as job array {array} ({args.cpus} CPUs"
+                  f"{f', {args.gpus} GPUs' if args.gpus else ''} and {args.time} minutes per task): each task's "
+                  f"log is {os.path.join(folder, array, f'{array}_TASK_0_log.out')} (and .err), each run's own "
+                  f"under {args.runs_dir}/RUN/", flush=True)
+            continue
+        if not waiting:
+            break
+        counts = {state: sum(s == state for s in states.values()) for state in ("running", "pending")}
+        line = (f"tasks: {len(rr.chains(trainings, measures)) - len(todo)} done, {counts['running']} running, "
+                f"{counts['pending']} pending, {len(failed)} failed ({rr.format_seconds(time.time() - t0)} so far)")
+        if line.split(" (")[0] != last:
+            print(line, flush=True)
+            last = line.split(" (")[0]
+        time.sleep(POLL_SECONDS)
+    if failed:
+        print(f"{len(failed)} tasks failed: {', '.join(sorted(failed))}; their logs are named above. Fix the cause "
+              f"and run this command again: it submits only what is not recorded")
+        return 1
+    print(f"every run is recorded ({rr.format_seconds(time.time() - t0)})")
+    return rr.write_documents(args.records_dir)
+
+
+def queue_states(args, listed, jobs):
+    """{first run of a chain: "pending", "running" or "ended"} of each chain's task: on SLURM as its
+    queue shows them (this command's and an earlier one's, listed), on this machine by submitit."""
+    states = {name: "ended" for name in listed}
+    if args.submit != "slurm":
+        for name, job in jobs.items():
+            if name in states and not job.done():
+                states[name] = "running" if job.state == "RUNNING" else "pending"
+        return states
+    tasks = {entry["job"]: name for name, entry in listed.items() if entry}
+    if tasks:
+        result = subprocess.run(["squeue", "--noheader", "--array", "--format=%i %T", "--jobs",
+                                 ",".join(sorted({task.split("_")[0] for task in tasks}))],
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0 and "Invalid job id" not in result.stderr:  # the queue did not answer: ask again
+            return {name: "pending" if entry else "ended" for name, entry in listed.items()}
+        for line in result.stdout.splitlines():
+            task, state = line.split()
+            if task in tasks:
+                states[tasks[task]] = "running" if state in ("RUNNING", "COMPLETING") else "pending"
+    return states

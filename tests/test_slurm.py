@@ -1,0 +1,173 @@
+"""The reproduction on a cluster (tests/reproduce_slurm.py), against a real single-node SLURM that
+.ci/run starts (.ci/slurm; SLURM_CONF names it): a tiny reproduction submitted through submitit
+records what the same one run in this process records, a task that SLURM requeues while it trains
+resumes from its checkpoint and records what an uninterrupted one records, a failed task is named
+with its log while the others go on; the same through submitit's LocalExecutor; and a machine
+without sbatch or submitit is told so in one line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import reproduce_results
+from test_bad_input_4 import one_line
+
+submitit = pytest.importorskip("submitit", reason="the reproduction's --submit needs submitit (.ci/run installs it)")
+reproduce_slurm = pytest.importorskip("reproduce_slurm")
+
+SMALL = ["--hidden-dim", "16", "--latent-dim", "4", "--alpha", "8"]  # checkpoints of kilobytes, 200 epochs of them
+TINY = {"tiny-seed0": (SMALL, 1, None), "tiny-seed0-long": ([], 2, "tiny-seed0"),
+        "tiny-seed1": ([*SMALL, "--seed", "1"], 1, None)}
+TINY_MEASURES = {"tiny-seed0-T1": ("tiny-seed0", []), "tiny-seed0-long-T1": ("tiny-seed0-long", []),
+                 "tiny-seed1-T1": ("tiny-seed1", []), "tiny-seed1-T2": ("tiny-seed1", ["--temperature", "2"])}
+MEASURE_FLAGS = ["--n-eval", "20", "--n-samples", "4", "--n-importance", "4"]
+
+
+def slurm_running():
+    return bool(os.environ.get("SLURM_CONF")) and shutil.which("sbatch") and subprocess.run(
+        ["sinfo"], capture_output=True, check=False).returncode == 0
+
+
+needs_slurm = pytest.mark.skipif(not slurm_running(), reason="no SLURM here: .ci/run starts one (.ci/slurm start)")
+
+
+@pytest.fixture
+def reproduction(monkeypatch, tmp_path, mnist_root, capsys):
+    """reproduce_results.main(folder, *flags) with a plan (monkeypatch .plan), its runs and records in
+    tmp_path/folder: -> (exit code, stdout, stderr)."""
+    monkeypatch.setattr(reproduce_results, "MEASURE_FLAGS", [*MEASURE_FLAGS, "--cache-dir", str(tmp_path / "cache")])
+    monkeypatch.setattr(reproduce_slurm, "POLL_SECONDS", 0.5)
+    monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: 0)
+
+    def main(folder, *flags):
+        (tmp_path / folder / "records").mkdir(parents=True, exist_ok=True)
+        monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--data-root", mnist_root, "--runs-dir",
+                                          str(tmp_path / folder / "runs"), "--records-dir",
+                                          str(tmp_path / folder / "records"), *flags])
+        code = 0
+        try:
+            reproduce_results.main()
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return (1, out, err + code) if isinstance(code, str) else (code or 0, out, err)
+    return main
+
+
+def plan(monkeypatch, trainings, measures):
+    monkeypatch.setattr(reproduce_results, "plan", lambda args, sections: (trainings, measures))
+
+
+def records(folder):
+    """{run: its record without the seconds anywhere in it, and the checkpoints' paths from the runs
+    folder beside it on} of a records folder."""
+    runs = str(folder.parent / "runs")
+
+    def without_seconds(value):
+        if isinstance(value, dict):
+            return {key: without_seconds(v) for key, v in value.items() if key != "seconds"}
+        if isinstance(value, str):
+            return value.replace(runs, "RUNS")
+        return [without_seconds(v) for v in value] if isinstance(value, list) else value
+    return {path.stem: without_seconds(json.loads(path.read_text())) for path in sorted(folder.glob("*.json"))}
+
+
+def in_process_records(reproduction, tmp_path, name="reference"):
+    """The plan reproduced by this process's one worker (reproduce_results.run: real train.py and
+    sample.py processes, 1 thread): the records the submitted tasks must give."""
+    code, out, err = reproduction(name, "--threads", "1")
+    assert code == 0, out + err
+    return records(tmp_path / name / "records")
+
+
+@needs_slurm
+def test_a_tiny_reproduction_through_slurm_records_what_the_in_process_one_records(reproduction, monkeypatch,
+                                                                                   tmp_path):
+    plan(monkeypatch, TINY, TINY_MEASURES)
+    code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "ci", "--cpus", "1", "--time", "10")
+    assert code == 0, out + err
+    assert "submitted 2 chains as job array " in out and "_TASK_0_log.out" in out  # the logs said once, up front
+    assert "tasks: 0 done, " in out and "every run is recorded" in out
+    submitted = json.loads((tmp_path / "slurm" / "runs" / "slurm" / "submitted.json").read_text())
+    assert sorted(submitted) == ["tiny-seed0", "tiny-seed1"] and all(
+        os.path.isfile(entry["log"]) for entry in submitted.values())
+    got = records(tmp_path / "slurm" / "records")
+    assert got == in_process_records(reproduction, tmp_path) and len(got) == 3  # field for field but the seconds
+    # the same command again: everything recorded, nothing submitted
+    code, out, _ = reproduction("slurm", "--submit", "slurm", "--partition", "ci", "--cpus", "1")
+    assert code == 0 and "submitted" not in out and "every run is recorded" in out
+
+
+@needs_slurm
+def test_a_task_requeued_while_it_trains_resumes_and_records_what_an_uninterrupted_one_records(
+        reproduction, monkeypatch, tmp_path):
+    long = {"tiny-seed2": ([*SMALL, "--seed", "2"], 200, None)}
+    plan(monkeypatch, long, {"tiny-seed2-T1": ("tiny-seed2", [])})
+    checkpoints = tmp_path / "slurm" / "runs" / "tiny-seed2" / "checkpoint"
+    requeued = []
+
+    def scheduler():  # SLURM's own requeue (a preemption, an admin's), once the task has trained a few epochs
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(checkpoints.glob("mix_match_*.pth"))) < 3:
+            time.sleep(0.05)
+        listed = tmp_path / "slurm" / "runs" / "slurm" / "submitted.json"
+        job = json.loads(listed.read_text())["tiny-seed2"]["job"]
+        requeued.append((len(list(checkpoints.glob("mix_match_*.pth"))),
+                         subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)))
+        # SLURM holds a requeued job back for two minutes, once it is pending again; an administrator may
+        # let it start at once
+        def state():
+            return subprocess.run(["squeue", "--noheader", "--jobs", job, "--format=%T"], capture_output=True,
+                                  text=True, check=False).stdout.strip()
+        while time.time() < deadline and state() != "PENDING":
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, check=False)
+    interrupter = threading.Thread(target=scheduler, daemon=True)
+    interrupter.start()
+    code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "ci", "--cpus", "1", "--time", "10")
+    interrupter.join(1)
+    assert code == 0, out + err
+    (epochs, result), = requeued
+    assert result.returncode == 0 and 3 <= epochs < 200, result.stderr  # requeued part-way through its training
+    log = next((tmp_path / "slurm" / "runs" / "slurm").glob("*/*_0_log.out")).read_text()
+    assert "stopped, since the scheduler is ending this task" in log
+    assert f"training tiny-seed2, from {checkpoints}/mix_match_" in log  # it came back and resumed
+    assert records(tmp_path / "slurm" / "records") == in_process_records(reproduction, tmp_path)
+
+
+@needs_slurm
+def test_a_failed_task_is_named_with_its_log_and_the_others_go_on(reproduction, monkeypatch, tmp_path):
+    trainings = {"tiny-seed0": (SMALL, 1, None), "broken-seed0": (["--alpha", "999"], 1, None)}
+    plan(monkeypatch, trainings, {"tiny-seed0-T1": ("tiny-seed0", []), "broken-seed0-T1": ("broken-seed0", [])})
+    code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "ci", "--cpus", "1", "--time", "10")
+    assert code == 1 and "every run is recorded" not in out, out + err
+    failed = [line for line in out.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and failed[0].startswith("failed: broken-seed0 (task "), out
+    log = failed[0].split(", its log: ")[1]
+    with open(log) as f:
+        text = f.read()
+    assert "error: train.py failed (exit 2)" in text and "alpha" in text
+    assert "1 tasks failed: broken-seed0; their logs are named above" in out
+    assert sorted(p.name for p in (tmp_path / "slurm" / "records").iterdir()) == ["tiny-seed0.json"]  # went on
+
+
+def test_the_local_executor_runs_the_same_tasks(reproduction, monkeypatch, tmp_path):
+    plan(monkeypatch, TINY, TINY_MEASURES)
+    code, out, err = reproduction("local", "--submit", "local", "--time", "10")
+    assert code == 0, out + err
+    assert "submitted 2 chains as job array " in out and "every run is recorded" in out
+    assert records(tmp_path / "local" / "records") == in_process_records(reproduction, tmp_path)
+
+
+def test_a_machine_without_sbatch_or_submitit_is_told_what_is_missing(reproduction, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    one_line(reproduction("slurm", "--submit", "slurm"), "error: --submit slurm needs SLURM's sbatch, and this "
+             "machine has none: run the command on the cluster's login node, or use --jobs N on this machine")
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "reproduce_slurm")
+    one_line(reproduction("slurm", "--submit", "local"), "error: --submit needs submitit: pip install submitit")
