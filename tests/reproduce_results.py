@@ -373,6 +373,7 @@ def tables(records_dir):
         "fixes-sweep": (("fixes",), lambda m, r: fixes_tables(m)[1]),
         "mechanism": (("mechanism",), lambda m, r: mechanism_tables(m)[0]),
         "verify": ((), lambda m, r: verify_tables(r, records_dir)[0]),
+        "cluster": (SECTIONS, lambda m, r: cluster_table(r, records_dir)),
     }
 
 
@@ -1456,6 +1457,24 @@ def verify_tables(records, records_dir):
                         f"{verdict['measures']:.2f} | {verdict['worst']:.2f} ({verdict['limit']:.2f}) | "
                         f"{'reproduces' if verdict['agrees'] else 'does not'} |")
     return "\n".join(lines), "\n".join(runs) + "\n"
+
+
+def cluster_table(records, records_dir):
+    """What --submit sends, per section and for the whole reproduction: its tasks (chains), the
+    minutes of its longest and its median task, and its core-hours, from the records' seconds."""
+    def minutes(chain):  # training and measuring, times the threads each used
+        return sum(records[run]["threads"] * ((records[run]["train"] or {}).get("seconds", 0) + sum(
+            m["seconds"] or 0 for m in records[run]["measurements"].values())) for run in chain) / 60
+    scratch = argparse.Namespace(records_dir=records_dir)
+    lines = ["| section | tasks | longest task (min) | median task (min) | core-hours |", "|---|---:|---:|---:|---:|"]
+    every = {}
+    for section in (*REPORT_ORDER, None):
+        found = chains(*plan(scratch, [section] if section else SECTIONS))
+        every.update({chain[0]: chain for chain in found})
+        times = [minutes(chain) for chain in (found if section else every.values())]
+        lines.append(f"| {section or 'all, once each'} | {len(times)} | {max(times):.0f} | "
+                     f"{statistics.median(times):.0f} | {sum(times) / 60:.1f} |")
+    return "\n".join(lines)
 
 
 def again_folder(records_dir):
