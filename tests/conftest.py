@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import reproduce_results
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST = 300, 120  # 300 = 128 + 128 + 44: the last partial batch is kept
 
@@ -111,3 +113,22 @@ def train_resume_and_measure(in_process, cwd, mnist_root, model_flags, epochs):
                         f"straight/mix_match_{epochs:02d}.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
                         "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=cwd, check=True)
     return resumed_run, straight, resumed, result, json.loads((cwd / "m.json").read_text())["metrics"]
+
+
+@pytest.fixture
+def command(monkeypatch, capsys, mnist_root):
+    """reproduce_results.main(*flags) in this process -> (exit code, stdout, stderr), the code 0
+    where it returns; MNIST is the tiny synthetic one unless --data-root is given."""
+    def run(*flags):
+        data = [] if "--data-root" in flags else ["--data-root", mnist_root]
+        monkeypatch.setattr(sys, "argv", ["reproduce_results.py", *data, *map(str, flags)])
+        code = 0
+        try:
+            reproduce_results.main()
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        if isinstance(code, str):  # sys.exit("message"): printed on stderr with exit status 1
+            code, err = 1, err + code + "\n"
+        return code, out, err
+    return run

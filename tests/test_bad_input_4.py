@@ -5,32 +5,13 @@ where the input is odd but valid, it simply works."""
 import json
 import os
 import shutil
-import sys
 
 import pytest
 
+import reproduce_documents
 import reproduce_results
 from test_bad_input_3 import read_only
 from test_records import hand_made, seeds
-
-
-@pytest.fixture
-def command(monkeypatch, capsys, mnist_root):
-    """reproduce_results.main(*flags) in this process -> (exit code, stdout, stderr), the code 0
-    where it returns; MNIST is the tiny synthetic one unless --data-root is given."""
-    def run(*flags):
-        data = [] if "--data-root" in flags else ["--data-root", mnist_root]
-        monkeypatch.setattr(sys, "argv", ["reproduce_results.py", *data, *map(str, flags)])
-        code = 0
-        try:
-            reproduce_results.main()
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        if isinstance(code, str):  # sys.exit("message"): printed on stderr with exit status 1
-            code, err = 1, err + code + "\n"
-        return code, out, err
-    return run
 
 
 def one_line(result, *parts):
@@ -46,12 +27,12 @@ def one_line(result, *parts):
 def documents(tmp_path, monkeypatch):
     """A copy of the documents and samples/ (tables, figures) under tmp_path, the committed records'
     tables; --tables writes there. Returns a function: {path: text} of the copy, to compare."""
-    for document in reproduce_results.DOCUMENTS:
+    for document in reproduce_documents.DOCUMENTS:
         os.makedirs(tmp_path / os.path.dirname(document), exist_ok=True)
         shutil.copyfile(os.path.join(reproduce_results.REPO, document), tmp_path / document)
     shutil.copytree(os.path.join(reproduce_results.REPO, "samples", "tables"), tmp_path / "samples" / "tables")
-    monkeypatch.setattr(reproduce_results, "DOCUMENT_ROOT", str(tmp_path))
-    monkeypatch.setattr(reproduce_results, "figures", dict)  # the tables are the point; figures take seconds
+    monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setattr(reproduce_documents, "figures", dict)  # the tables are the point; figures take seconds
 
     def texts():
         return {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*.md"))}
@@ -61,7 +42,7 @@ def documents(tmp_path, monkeypatch):
 def records_copy(tmp_path):
     """The committed records and the runs verified again, copied: records/ and verify/ in tmp_path."""
     shutil.copytree(reproduce_results.RECORDS, tmp_path / "r" / "records")
-    shutil.copytree(reproduce_results.again_folder(reproduce_results.RECORDS), tmp_path / "r" / "verify")
+    shutil.copytree(reproduce_documents.again_folder(reproduce_results.RECORDS), tmp_path / "r" / "verify")
     return tmp_path / "r" / "records"
 
 

@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+import reproduce_documents
 import reproduce_results
 from test_reproduce import write_records
 
@@ -216,7 +217,7 @@ def test_verify_tells_the_committed_pairs_apart():
     again on another machine, and the shipped model, reproduce; every other record under their
     names, and each of them with one measure moved by hand, does not."""
     records = reproduce_results.read_records(reproduce_results.RECORDS)
-    again = reproduce_results.read_records(reproduce_results.again_folder(reproduce_results.RECORDS))
+    again = reproduce_results.read_records(reproduce_documents.again_folder(reproduce_results.RECORDS))
     trials = reproduce_results.verify_trials(records, again)
     same = [verdict["agrees"] for what, _, verdict in trials if what == "the same run"]
     assert len(same) == len(again) + 1 and all(same)
@@ -268,8 +269,8 @@ def test_tables_are_written_from_the_records_pending_where_a_section_is_not_reco
     (tmp_path / "samples").mkdir()
     for document in ("README.md", "samples/README.md"):
         (tmp_path / document).write_text(DOCUMENT)
-    monkeypatch.setattr(reproduce_results, "DOCUMENT_ROOT", str(tmp_path))
-    monkeypatch.setattr(reproduce_results, "figures", dict)
+    monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setattr(reproduce_documents, "figures", dict)
     write_records(tmp_path / "records", metrics())
     records = str(tmp_path / "records")
     assert reproduce_results.write_documents(records, check=True) == 1  # stale tables
@@ -294,7 +295,7 @@ def test_tables_are_written_from_the_records_pending_where_a_section_is_not_reco
 def test_the_provenance_counts_the_classifier_that_judged_each_measurement(tmp_path):
     write_records(tmp_path, {"a-seed0-T1": {"metrics": {}}, "a-seed0-T2": {"metrics": {}},
                              "b-seed0-T1": {"classifier_accuracy": 0.98, "metrics": {}}})
-    text = reproduce_results.provenance(reproduce_results.read_records(str(tmp_path)), str(tmp_path))
+    text = reproduce_documents.provenance(reproduce_results.read_records(str(tmp_path)), str(tmp_path))
     assert "2 runs recorded. " in text and "The digit classifier's test accuracy (measurements): 98.00% (1), " \
                                            "99.13% (2). " in text
 
@@ -314,18 +315,18 @@ def test_the_prose_numbers_of_a_recorded_section_are_in_its_tables():
     prose, rounded as the prose rounds it and sign aside, is a number of those tables or of the
     table files it links: no number typed by hand. A section is a "## " part of a document, or a
     "### " part of one, so that a part is checked as soon as its own tables are written."""
-    for document in reproduce_results.DOCUMENTS:
-        text = reproduce_results.read_text(os.path.join(reproduce_results.REPO, document))
+    for document in reproduce_documents.DOCUMENTS:
+        text = reproduce_documents.read_text(os.path.join(reproduce_results.REPO, document))
         for section in re.split(r"\n(?=## )", text):
             for part in [section, *re.split(r"\n(?=### )", section)[1:]]:
-                bodies = [body for _, _, body, _ in reproduce_results.TABLE.findall(part)]
+                bodies = [body for _, _, body, _ in reproduce_documents.TABLE.findall(part)]
                 if not bodies or any(body.startswith("*Pending") for body in bodies):
                     continue
                 linked = re.findall(r"\]\((tables/[\w.]+\.md)\)", part)
                 known = NUMBER.findall(" ".join(bodies + [
-                    reproduce_results.read_text(os.path.join(reproduce_results.REPO, os.path.dirname(document), path))
+                    reproduce_documents.read_text(os.path.join(reproduce_results.REPO, os.path.dirname(document), path))
                     for path in linked]))
-                prose = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)", "", reproduce_results.TABLE.sub("", part),
+                prose = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)", "", reproduce_documents.TABLE.sub("", part),
                                flags=re.DOTALL)
                 prose = PAPER_SECTION.sub("", prose)
                 for number in set(NUMBER.findall(prose)) - PAPER_NUMBERS:
@@ -338,7 +339,7 @@ def every_measurement(name, flags):
     """A hand-made metrics JSON with every measure of sample.py, for any measurement of the plan:
     values that vary with the seed (so every sd is defined), the fixes' sweep decided by them."""
     seed = int(name.split("seed")[1][0]) if "seed" in name else 0
-    keys = [*reproduce_results.LATENT_KEYS, "recall", "best_of_k", "mean_distance", "confident_share",
+    keys = [*reproduce_documents.LATENT_KEYS, "recall", "best_of_k", "mean_distance", "confident_share",
             "inception_score", "rec_bce", "mm_coverage"]
     fix = name.split("-hd")[1].split("-")[0] if "-hd" in name else "0"
     values = {key: 1.0 + seed + float(fix) for key in keys}
@@ -360,8 +361,8 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
     records = reproduce_results.read_records(args.records_dir)
     metrics = reproduce_results.recorded_measurements(args.records_dir)
     with open(f"{reproduce_results.REPO}/README.md") as f:
-        in_readme = {name for _, name, _, _ in reproduce_results.TABLE.findall(f.read())}
-    for name, (_, make) in reproduce_results.tables(args.records_dir).items():
+        in_readme = {name for _, name, _, _ in reproduce_documents.TABLE.findall(f.read())}
+    for name, (_, make) in reproduce_documents.tables(args.records_dir).items():
         widest = max((line.count(" | ") + 1 for line in make(metrics, records).splitlines() if line.startswith("| ")),
                      default=0)
         assert widest <= (8 if name in in_readme else 9), name
@@ -374,13 +375,14 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
                               "test_loss": 90.0 - e, "seconds": 1.0} for e in (1, 2)]
         path.write_text(json.dumps(record))
     (tmp_path / "samples").mkdir()
-    for document in reproduce_results.DOCUMENTS:
+    for document in reproduce_documents.DOCUMENTS:
         shutil.copyfile(f"{reproduce_results.REPO}/{document}", tmp_path / document)
-    monkeypatch.setattr(reproduce_results, "DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
     assert reproduce_results.write_documents(args.records_dir) == 0
-    for document in [*reproduce_results.DOCUMENTS, *(f"samples/{name}" for name in reproduce_results.table_files())]:
+    tables = [f"samples/{name}" for name in reproduce_documents.table_files()]
+    for document in [*reproduce_documents.DOCUMENTS, *tables]:
         assert "Pending" not in (tmp_path / document).read_text(), document
-    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == sorted(reproduce_results.figures())
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == sorted(reproduce_documents.figures())
 
 
 @pytest.mark.parametrize("jobs", [2, 5])  # 5: more workers than chains, which simply works

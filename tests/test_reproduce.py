@@ -11,12 +11,10 @@ from PIL import Image
 
 from model import MixAndMatchCVAE, ModelConfig
 from one_side_random import one_side_random
-from reproduce_results import (
+from reproduce_documents import (
     FIXES_KEYS,
     LATENT_KEYS,
     MECHANISM_KEYS,
-    MODES,
-    better_fixes,
     differences_table,
     fidelity_key,
     fixes_tables,
@@ -27,14 +25,18 @@ from reproduce_results import (
     latent_pairs,
     latent_table,
     long_table,
-    measurements,
     mechanism_tables,
     on_curve,
-    picked_values,
     plot_frontier,
     recurrent_columns,
     recurrent_pairs,
     seed_table,
+)
+from reproduce_results import (
+    MODES,
+    better_fixes,
+    measurements,
+    picked_values,
     through,
 )
 

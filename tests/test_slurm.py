@@ -37,25 +37,16 @@ needs_slurm = pytest.mark.skipif(not slurm_running(), reason="no SLURM here: .ci
 
 
 @pytest.fixture
-def reproduction(monkeypatch, tmp_path, mnist_root, capsys):
-    """reproduce_results.main(folder, *flags) with a plan (monkeypatch .plan), its runs and records in
-    tmp_path/folder: -> (exit code, stdout, stderr)."""
+def reproduction(command, monkeypatch, tmp_path):
+    """command (conftest) with its runs and records in tmp_path/folder: reproduction(folder, *flags)."""
     monkeypatch.setattr(reproduce_results, "MEASURE_FLAGS", [*MEASURE_FLAGS, "--cache-dir", str(tmp_path / "cache")])
     monkeypatch.setattr(reproduce_slurm, "POLL_SECONDS", 0.5)
     monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: 0)
 
     def main(folder, *flags):
         (tmp_path / folder / "records").mkdir(parents=True, exist_ok=True)
-        monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--data-root", mnist_root, "--runs-dir",
-                                          str(tmp_path / folder / "runs"), "--records-dir",
-                                          str(tmp_path / folder / "records"), *flags])
-        code = 0
-        try:
-            reproduce_results.main()
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return (1, out, err + code) if isinstance(code, str) else (code or 0, out, err)
+        return command("--runs-dir", tmp_path / folder / "runs", "--records-dir", tmp_path / folder / "records",
+                       *flags)
     return main
 
 
