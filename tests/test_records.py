@@ -149,7 +149,7 @@ def test_on_another_cpu_kind_a_run_a_fraction_of_a_seed_spread_away_reproduces(c
     code, out = verify_out(capsys, records["mix-and-match-seed0"], again, records)
     assert code == 0 and out.startswith("mix-and-match-seed0 reproduces its record up to rounding\n")
     assert "the record's Intel (AVX512, torch 2.14.1) against this AMD (AVX2, torch 2.14.1)" in out
-    assert "its first 10 epochs: 0.20 seed sds from its record (root mean square; the limit 0.25" in out
+    assert "its first 10 epochs: 0.20 seed sds from its record (root mean square; the limit 0.35" in out
     closest = out.split("the closest to their limit:\n", 1)[1].splitlines()[1:3]
     assert [line.split()[:2] for line in closest] == [["T1", "kl"], ["epoch", "1"]]  # the farthest first
     assert "every number:" in out
