@@ -635,12 +635,17 @@ STOPPING = threading.Event()  # set once the scheduler is ending this task (pree
 
 
 def stop_scripts():
-    """SIGTERM to the scripts running now (train.py stops between whole files), then wait for them."""
+    """SIGTERM to the scripts running now (train.py stops between whole files), then wait for them to
+    end. Called from a signal handler, which may have interrupted run() in process.wait(): the wait
+    here leaves the exit status to it (WNOWAIT), and Popen's lock alone."""
     STOPPING.set()
     for process in list(RUNNING):
-        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
     for process in list(RUNNING):
-        process.wait()
+        with contextlib.suppress(ChildProcessError):
+            while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+                time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------------- records

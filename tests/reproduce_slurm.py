@@ -4,11 +4,11 @@ chains go to SLURM as one job array through submitit, each task one chain (a run
 continue it), trained, measured and recorded exactly as a worker of `--jobs` does it
 (reproduce_results.do_chain).
 
-- A task that SLURM preempts or brings to its time limit (submitit's USR2) stops its script
-  between whole files and is requeued through submitit's checkpointing; one that SLURM itself
-  requeues or preempts by SIGTERM stops the same way and waits for its end. Requeued, a task
-  resumes its training from the newest checkpoint (train.py --resume), so it records what an
-  uninterrupted task records.
+- A task that SLURM brings to its time limit or preempts with USR2 (submitit's --signal) has its
+  script ended (its files are each whole) and is requeued through submitit's checkpointing; one
+  that SLURM requeues or preempts with SIGTERM stops train.py between whole files and waits for
+  its end. Requeued, a task resumes its training from the newest checkpoint (train.py --resume),
+  so it records what an uninterrupted task records.
 - A task that fails is named in one line with its log; the others go on.
 - The command waits, printing the tasks done, running, pending and failed, then plans again
   (section "fixes" picks its later runs from earlier ones' measurements), submits what is new,
@@ -48,7 +48,7 @@ class ChainTask(submitit.helpers.Checkpointable):
         return self.chain
 
     def checkpoint(self, *args, **kwargs):
-        """USR2, the time limit's or a preemption's signal: stop the script between whole files, then
+        """USR2, the time limit's or a preemption's signal: end the script (its files are whole), then
         let submitit requeue this same task, which resumes from the newest checkpoint."""
         rr.stop_scripts()
         return super().checkpoint(*args, **kwargs)

@@ -95,21 +95,25 @@ def test_a_tiny_reproduction_through_slurm_records_what_the_in_process_one_recor
 
 
 @needs_slurm
+@pytest.mark.parametrize("interrupt, said", [
+    (["scontrol", "requeue"], "stopped, since the scheduler is ending this task"),  # SIGTERM, then SLURM requeues
+    (["scancel", "--signal=USR2"], "Caught signal SIGUSR2"),  # the time limit's signal: submitit requeues
+], ids=["scontrol-requeue", "time-limit-USR2"])
 def test_a_task_requeued_while_it_trains_resumes_and_records_what_an_uninterrupted_one_records(
-        reproduction, monkeypatch, tmp_path):
+        reproduction, monkeypatch, tmp_path, interrupt, said):
     long = {"tiny-seed2": ([*SMALL, "--seed", "2"], 200, None)}
     plan(monkeypatch, long, {"tiny-seed2-T1": ("tiny-seed2", [])})
     checkpoints = tmp_path / "slurm" / "runs" / "tiny-seed2" / "checkpoint"
     requeued = []
 
-    def scheduler():  # SLURM's own requeue (a preemption, an admin's), once the task has trained a few epochs
+    def scheduler():  # what SLURM does to a task it preempts or ends, once the task has trained a few epochs
         deadline = time.time() + 240
         while time.time() < deadline and len(list(checkpoints.glob("mix_match_*.pth"))) < 3:
             time.sleep(0.05)
         listed = tmp_path / "slurm" / "runs" / "slurm" / "submitted.json"
         job = json.loads(listed.read_text())["tiny-seed2"]["job"]
         requeued.append((len(list(checkpoints.glob("mix_match_*.pth"))),
-                         subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)))
+                         subprocess.run([*interrupt, job], capture_output=True, text=True, check=False)))
         # SLURM holds a requeued job back for two minutes, once it is pending again; an administrator may
         # let it start at once
         def state():
@@ -125,8 +129,8 @@ def test_a_task_requeued_while_it_trains_resumes_and_records_what_an_uninterrupt
     assert code == 0, out + err
     (epochs, result), = requeued
     assert result.returncode == 0 and 3 <= epochs < 200, result.stderr  # requeued part-way through its training
-    log = next((tmp_path / "slurm" / "runs" / "slurm").glob("*/*_0_log.out")).read_text()
-    assert "stopped, since the scheduler is ending this task" in log
+    log = "".join(p.read_text() for p in sorted((tmp_path / "slurm" / "runs" / "slurm").glob("*/*_0_log.*")))
+    assert said in log
     assert f"training tiny-seed2, from {checkpoints}/mix_match_" in log  # it came back and resumed
     assert records(tmp_path / "slurm" / "records") == in_process_records(reproduction, tmp_path)
 
