@@ -818,9 +818,9 @@ def through(run_name, script):
 
 def verify(args, records):
     """Train and measure one recorded run again in a scratch folder, with its record's thread
-    count, and compare: equal where this machine is of the record's kind (CPU model, instruction
-    set, torch); elsewhere each measure's difference beside twice its seed spread. Returns the exit
-    code: 0 where the run agrees, 1 naming the measures that do not."""
+    count, keep what it gave (RUNS_DIR/verify/RUN.json) and compare (compare): bit for bit where
+    this machine is of the record's kind, elsewhere in seed sds. Returns the exit code: 0 where the
+    run reproduces, 1 where it does not."""
     record = records[args.verify]
     chain = verify_chain(args.verify, records)
     trainings = {name: (records[name]["train"]["flags"], records[name]["train"]["epochs"],
@@ -984,13 +984,13 @@ def compare(record, new, records):
     unnamed = [key for key in VERSIONS if key not in record]
     where = (f"{record['threads']} thread(s), this machine of the record's kind" if kind else
              f"{record['threads']} thread(s), the record's {describe(record)} against this {describe(new)}")
-    if kind:  # bit for bit, history and measures
+    if kind:  # bit for bit, history and measures (a number the record has not, a field added since, aside)
         differing = [name for name in old_numbers if old_numbers[name] != new_numbers.get(name)]
-        differing += [name for name in new_numbers if name not in old_numbers]
         verdict = (f"{record['run']} agrees with its record bit for bit" if not differing else
                    f"{record['run']} does not agree with its record: {len(differing)} of {len(old_numbers)} "
                    f"numbers differ, where this machine is of the record's kind"
-                   + (f" (the record names no {', '.join(unnamed)}: install the versions README names)"
+                   + (f" (the record names no {', '.join(unnamed)}: the report's \"Checking one run\" names "
+                      f"the versions to install)"
                       if unnamed else ""))
         print(f"{verdict}\n{where}")
         closest = sorted(differing, key=lambda name: -relative(old_numbers.get(name), new_numbers.get(name)))

@@ -19,6 +19,7 @@ continue it), trained, measured and recorded exactly as a worker of `--jobs` doe
 `--submit local` runs the same tasks through submitit's LocalExecutor, each chain a process of this
 machine at once (a check of the submission without a cluster; --jobs shares one machine better).
 """
+import argparse
 import os
 import shutil
 import signal
@@ -68,7 +69,17 @@ def submit(args, sections):
     executor.update_parameters(name="reproduce", timeout_min=args.time, cpus_per_task=args.cpus,
                                gpus_per_node=args.gpus, **({"slurm_partition": args.partition}
                                                            if args.partition and args.submit == "slurm" else {}))
-    task_args = rr.argparse.Namespace(**{**vars(args), "threads": args.cpus})
+    task_args = argparse.Namespace(**{**vars(args), "threads": args.cpus})
+    try:
+        return wait_and_finish(args, sections, executor, task_args, folder)
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the submitted tasks go on in SLURM's queue; run the same command again to wait for "
+                 "them and write the tables" if args.submit == "slurm" else
+                 "interrupted, with this machine's tasks: run the same command again to continue")
+
+
+def wait_and_finish(args, sections, executor, task_args, folder):
+    """Submit what the plan leaves, round after round, wait for it, then write the tables."""
     listed = os.path.join(folder, "submitted.json")
     submitted = rr.read_json_file(listed) or {}  # {first run of a chain: {"job": "1234_5", "log": path}}
     jobs, failed, t0, last = {}, set(), time.time(), None
