@@ -6,6 +6,7 @@ with its log while the others go on; the same through submitit's LocalExecutor; 
 without sbatch or submitit is told so in one line."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,26 @@ def test_a_task_requeued_while_it_trains_resumes_and_records_what_an_uninterrupt
     assert said in log
     assert f"training tiny-seed2, from {checkpoints}/mix_match_" in log  # it came back and resumed
     assert records(tmp_path / "slurm" / "records") == in_process_records(reproduction, tmp_path)
+
+
+@needs_slurm
+def test_a_closed_terminal_is_finished_by_the_same_command_which_waits_for_the_queued_tasks(
+        reproduction, monkeypatch, tmp_path):
+    plan(monkeypatch, TINY, TINY_MEASURES)
+
+    def close_the_terminal(seconds):  # Ctrl-C (or a closed terminal) once the tasks are in the queue
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(reproduce_slurm.time, "sleep", close_the_terminal)
+        code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "ci", "--cpus", "1", "--time", "10")
+    assert code == 1 and "submitted 2 chains" in out and "the submitted tasks go on in SLURM's queue; run the " \
+        "same command again to wait for them and write the tables" in err, out + err
+    written = []
+    monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: written.append(1) or 0)
+    code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "ci", "--cpus", "1", "--time", "10")
+    assert code == 0 and "submitted" not in out, out + err
+    assert re.search(r"tasks: \d done, ([1-9] running|\d running, [1-9] pending)", out), out  # it waited for them
+    assert "every run is recorded" in out and written == [1] and len(records(tmp_path / "slurm" / "records")) == 3
 
 
 @needs_slurm
