@@ -1,9 +1,10 @@
 """The reproduction on a cluster (tests/reproduce_slurm.py), against a real single-node SLURM that
 .ci/run starts (.ci/slurm; SLURM_CONF names it): a tiny reproduction submitted through submitit
 records what the same one run in this process records, a task that SLURM requeues while it trains
-resumes from its checkpoint and records what an uninterrupted one records, a failed task is named
-with its log while the others go on; the same through submitit's LocalExecutor; and a machine
-without sbatch or submitit is told so in one line."""
+(by SIGTERM, or by the time limit's USR2) resumes from its checkpoint and records what an
+uninterrupted one records, a closed terminal is finished by the same command, a failed task is
+named with its log while the others go on; the same through submitit's LocalExecutor; and a
+machine without sbatch or submitit is told so in one line."""
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import pytest
 import reproduce_results
 from test_bad_input_4 import one_line
 
-submitit = pytest.importorskip("submitit", reason="the reproduction's --submit needs submitit (.ci/run installs it)")
+pytest.importorskip("submitit", reason="the reproduction's --submit needs submitit (.ci/run installs it)")
 reproduce_slurm = pytest.importorskip("reproduce_slurm")
 
 SMALL = ["--hidden-dim", "16", "--latent-dim", "4", "--alpha", "8"]  # checkpoints of kilobytes, 200 epochs of them
