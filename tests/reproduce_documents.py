@@ -61,9 +61,10 @@ DOCUMENT_ROOT = REPO  # where DOCUMENTS and samples/ are (the tests' hand-made o
 TABLE = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
 
 
-def tables(records_dir):
+def tables(records_dir, verified=None):
     """{table name: (the sections it needs, function(metrics, records) -> markdown)}: the tables
-    between the documents' markers, of the records in records_dir."""
+    between the documents' markers, of the records in records_dir; verified: verification's."""
+    verified = verified or verification(records_dir)
     return {
         "found": (("latent-use", "recurrent", "fixes"), lambda m, r: found_table(m)),
         "provenance": ((), lambda m, r: provenance(r, records_dir)),
@@ -76,14 +77,15 @@ def tables(records_dir):
         "fixes": (("fixes",), lambda m, r: fixes_tables(m)[0]),
         "fixes-sweep": (("fixes",), lambda m, r: fixes_tables(m)[1]),
         "mechanism": (("mechanism",), lambda m, r: mechanism_tables(m)[0]),
-        "verify": ((), lambda m, r: verify_tables(r, records_dir)[0]),
+        "verify": ((), lambda m, r: verified(r)[0]),
         "cluster": (SECTIONS, lambda m, r: cluster_table(r, records_dir)),
     }
 
 
-def table_files(records_dir=RECORDS):
+def table_files(records_dir=RECORDS, verified=None):
     """{file under samples/: (its sections, function(metrics, records) -> markdown)}: the matrices
     too wide for the report, each a file of its own that the report links, of the records in records_dir."""
+    verified = verified or verification(records_dir)
     return {
         os.path.join("tables", "seed_differences.md"): (("results",), lambda m, r: differences_table(m)),
         os.path.join("tables", "frontier.md"): (("results",), lambda m, r: frontier_table(m, full=True)),
@@ -93,8 +95,20 @@ def table_files(records_dir=RECORDS):
             ("recurrent",), lambda m, r: latent_differences_table(m, recurrent_pairs())),
         os.path.join("tables", "fixes_differences.md"): (("fixes",), lambda m, r: fixes_tables(m)[2]),
         os.path.join("tables", "mechanism_differences.md"): (("mechanism",), lambda m, r: mechanism_tables(m)[1]),
-        os.path.join("tables", "verify.md"): ((), lambda m, r: verify_tables(r, records_dir)[1]),
+        os.path.join("tables", "verify.md"): ((), lambda m, r: verified(r)[1]),
     }
+
+
+def verification(records_dir):
+    """verify_tables of the records in records_dir, made once: the report's table and
+    tables/verify.md share its trials, a second or so of judging."""
+    made = []
+
+    def of(records):
+        if not made:
+            made.append(verify_tables(records, records_dir))
+        return made[0]
+    return of
 
 
 def figures():
@@ -133,7 +147,8 @@ def write_documents(records_dir, check=False):
             sys.exit(f"error: a table of section {', '.join(sections) or 'provenance'} reads {e} where the records in "
                      f"{records_dir} have none: restore them with git checkout, or delete the run's record to measure "
                      f"it again")
-    known, written = tables(records_dir), {}
+    verified = verification(records_dir)
+    known, written = tables(records_dir, verified), {}
     for document in DOCUMENTS:
         text = read_text(os.path.join(DOCUMENT_ROOT, document))
         if text is None:
@@ -147,7 +162,7 @@ def write_documents(records_dir, check=False):
         if unknown:
             sys.exit(f"error: {document} has a table marker of no table of this reproduction: {', '.join(unknown)}")
         written[document] = TABLE.sub(lambda match: f"{match[1]}{body(*known[match[2]])}\n{match[4]}", text)
-    for name, (sections, make) in table_files(records_dir).items():
+    for name, (sections, make) in table_files(records_dir, verified).items():
         written[os.path.join("samples", name)] = f"{body(sections, make)}\n"
     differing = [path for path, text in written.items() if read_text(os.path.join(DOCUMENT_ROOT, path)) != text]
     if check:
@@ -212,9 +227,7 @@ def provenance(records, records_dir):
     hours, counted_runs = [], set()
     for section in REPORT_ORDER:  # a run shared by two sections counts in the first
         runs = {run for run, _ in measurements(section, argparse.Namespace(records_dir=records_dir)).values()}
-        seconds = sum(records[run]["threads"] * ((records[run]["train"] or {}).get("seconds", 0) + sum(
-            m["seconds"] or 0 for m in records[run]["measurements"].values())) for run in runs - counted_runs
-            if run in records)
+        seconds = sum(core_seconds(records[run]) for run in runs - counted_runs if run in records)
         counted_runs |= runs
         hours.append(f"{section} {seconds / 3600:.1f}")
     return (f"{len(records)} runs recorded. Commits (runs): {counted('commit')}. "
@@ -458,19 +471,19 @@ def verify_tables(records, records_dir):
 def cluster_table(records, records_dir):
     """What --submit sends, per section and for the whole reproduction: its tasks (chains), the
     minutes of its longest and its median task, and its core-hours, from the records' seconds."""
-    def minutes(chain):  # training and measuring, times the threads each used
-        return sum(records[run]["threads"] * ((records[run]["train"] or {}).get("seconds", 0) + sum(
-            m["seconds"] or 0 for m in records[run]["measurements"].values())) for run in chain) / 60
     scratch = argparse.Namespace(records_dir=records_dir)
     lines = ["| section | tasks | longest task (min) | median task (min) | core-hours |", "|---|---:|---:|---:|---:|"]
-    every = {}
-    for section in (*REPORT_ORDER, None):
-        found = chains(*plan(scratch, [section] if section else SECTIONS))
-        every.update({chain[0]: chain for chain in found})
-        times = [minutes(chain) for chain in (found if section else every.values())]
-        lines.append(f"| {section or 'all, once each'} | {len(times)} | {max(times):.0f} | "
-                     f"{statistics.median(times):.0f} | {sum(times) / 60:.1f} |")
+    for label, sections in [*((section, [section]) for section in REPORT_ORDER), ("all, once each", SECTIONS)]:
+        times = [sum(core_seconds(records[run]) for run in chain) / 60 for chain in chains(*plan(scratch, sections))]
+        lines.append(f"| {label} | {len(times)} | {max(times):.0f} | {statistics.median(times):.0f} | "
+                     f"{sum(times) / 60:.1f} |")
     return "\n".join(lines)
+
+
+def core_seconds(record):
+    """The seconds a run took to train and measure, times the threads it used."""
+    return record["threads"] * ((record["train"] or {}).get("seconds", 0) + sum(
+        m["seconds"] or 0 for m in record["measurements"].values()))
 
 
 def again_folder(records_dir):

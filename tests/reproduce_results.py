@@ -20,18 +20,17 @@ picks (the most diversity from z alone), then mix-and-match with the better fix.
 measured at T = 1.
 
 A run is one training (or continuation) and its measurements; its record (samples/records/RUN.json)
-holds the flags, the commit of the code, the versions of torch, torchvision, numpy and Python, the CPU and
-thread count, the seconds
-it took to train (the sum of its epochs) and to measure, its per-epoch history, and each metrics
-JSON exactly as sample.py wrote it. A run that continues another (to LONG_EPOCHS) is trained right
-after it, by the same worker, so that no checkpoint a later step needs is lost between sessions;
-the checkpoints and logs live under results/reproduce/ (ignored by git), the records are
-committed. A recorded run is never trained again, and an interrupted training resumes from its
-newest checkpoint, so the same command continues an interrupted reproduction, on this machine or
-on another with the records. --jobs N starts N workers, each with --threads threads (the cores
-over N); a lock per chain of runs keeps two reproductions of one machine from training one run
-twice (a dead process's lock is taken over). On a cluster, --submit slurm sends the chains to SLURM
-as one job array through submitit (tests/reproduce_slurm.py), each task one chain:
+holds the flags, the commit of the code, the versions of torch, torchvision, numpy and Python, the
+CPU and thread count, the seconds it took to train (the sum of its epochs) and to measure, its
+per-epoch history, and each metrics JSON exactly as sample.py wrote it. A run that continues another
+(to LONG_EPOCHS) is trained right after it, by the same worker, so that no checkpoint a later step
+needs is lost between sessions; the checkpoints and logs live under results/reproduce/ (ignored by
+git), the records are committed. A recorded run is never trained again, and an interrupted training
+resumes from its newest checkpoint, so the same command continues an interrupted reproduction, on
+this machine or on another with the records. --jobs N starts N workers, each with --threads threads
+(the cores over N); a lock per chain of runs keeps two reproductions of one machine from training
+one run twice (a dead process's lock is taken over). On a cluster, --submit slurm sends the chains
+to SLURM as one job array through submitit (tests/reproduce_slurm.py), each task one chain:
 
     python3 tests/reproduce_results.py --data-root DATA --submit slurm --partition NAME
 
@@ -762,7 +761,7 @@ def record_problem(record, name):
     """What is wrong with a record of the run `name`, in a few words, or None: each field the
     tables, the progress and --verify read, of the type they read."""
     def number(value, none=False):
-        return (value is None and none) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        return (value is None and none) or is_number(value)
 
     if not isinstance(record, dict):
         return f"a {type(record).__name__}, not a record"
@@ -782,7 +781,7 @@ def record_problem(record, name):
     history = record["history"]
     if not isinstance(history, list) or not all(
             isinstance(h, dict) and isinstance(h.get("epoch"), int) and number(h.get("seconds"))
-            and all(number(v, none=True) for k, v in h.items()) for h in history):
+            and all(number(v, none=True) for v in h.values()) for h in history):
         return "a history whose epochs are not numbers, each with its epoch and seconds"
     if not isinstance(record["measurements"], dict):
         return "measurements that are not a table of measurements"
@@ -801,6 +800,11 @@ def record_problem(record, name):
             isinstance(record[key], str) for key in ("torch", "cpu", "cpu_capability")):
         return "no thread count, torch, CPU or instruction set"
     return None
+
+
+def is_number(value):
+    """A number of a record: an int or a float, not a bool (JSON's true), not None (n/a)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def recorded(args, name):
@@ -905,7 +909,7 @@ def seed_spreads(run, records):
             continue
         for name in seeds[0]:
             column = [values.get(name) for values in seeds]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column):
+            if all(map(is_number, column)):
                 mean = sum(column) / len(column)
                 squares[name] = squares.get(name, 0.0) + sum((v - mean) ** 2 for v in column)
                 freedoms[name] = freedoms.get(name, 0) + len(column) - 1
@@ -941,7 +945,7 @@ def judge(old, new, spread):
     rows, failing = [], []
     for name, value in old.items():
         now = new.get(name)
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, now)):
+        if not (is_number(value) and is_number(now)):
             rows.append((name, value, now, None))  # n/a, a missing number: equal or not at all
             if value != now:
                 failing.append(name)
@@ -1042,7 +1046,7 @@ def verify_trials(records, again):
             what = "another seed" if family(other) and family(other) == family(run) else "another run"
             trials.append((what, run, judge({n: v for n, v in common.items() if n in theirs}, theirs, spread)))
         for name, value in common.items():
-            if not name.startswith("epoch ") and spread.get(name) and isinstance(new.get(name), (int, float)):
+            if not name.startswith("epoch ") and spread.get(name) and is_number(new.get(name)):
                 away = 1 if new[name] >= value else -1  # from the record, by MOVED sds at the least
                 moved = {**new, name: new[name] + away * MOVED * spread[name]}
                 trials.append((f"one measure moved by {MOVED:g} seed sds", run, judge(common, moved, spread)))
@@ -1059,7 +1063,7 @@ def describe(record):
 
 
 def relative(a, b):
-    if not all(isinstance(v, (int, float)) for v in (a, b)):
+    if not (is_number(a) and is_number(b)):
         return float("inf")
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
 
@@ -1071,7 +1075,7 @@ def print_numbers(title, names, old, new, spread):
     for name in names:
         value, now, sd = old.get(name), new.get(name), spread.get(name)
         sds = (f"{abs(now - value) / sd:.2f}" if sd else "equal" if value == now else "differs") \
-            if all(isinstance(v, (int, float)) for v in (value, now)) and sd is not None else ""
+            if is_number(value) and is_number(now) and sd is not None else ""
         print(f"{name:<44} {cell(value):>11} {cell(now):>11} {'' if sd is None else f'{sd:.4f}':>9} {sds:>9}")
 
 

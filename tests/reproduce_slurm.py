@@ -85,7 +85,8 @@ def wait_and_finish(args, sections, executor, task_args, folder):
     jobs, failed, t0, last = {}, set(), time.time(), None
     while True:
         trainings, measures = rr.plan(args, sections)
-        todo = [chain for chain in rr.chains(trainings, measures) if not all(rr.recorded(args, r) for r in chain)]
+        planned = rr.chains(trainings, measures)
+        todo = [chain for chain in planned if not all(rr.recorded(args, r) for r in chain)]
         states = queue_states(args, {chain[0]: submitted.get(chain[0]) for chain in todo}, jobs)
         new = [chain for chain in todo if states[chain[0]] == "ended" and chain[0] not in failed
                and chain[0] not in jobs]
@@ -113,7 +114,7 @@ def wait_and_finish(args, sections, executor, task_args, folder):
         if not waiting:
             break
         counts = {state: sum(s == state for s in states.values()) for state in ("running", "pending")}
-        line = (f"tasks: {len(rr.chains(trainings, measures)) - len(todo)} done, {counts['running']} running, "
+        line = (f"tasks: {len(planned) - len(todo)} done, {counts['running']} running, "
                 f"{counts['pending']} pending, {len(failed)} failed ({rr.format_seconds(time.time() - t0)} so far)")
         if line.split(" (")[0] != last:
             print(line, flush=True)
