@@ -15,10 +15,11 @@ from conftest import N_TEST, N_TRAIN
 from test_faults import failing_open
 
 
-def refused(result, message, code=1):
+def refused(result, *messages, code=1):
+    """The script ended with `code` and one line on stderr (argparse adds its usage) holding every message."""
     code_seen, out, err = result
-    assert code_seen == code and message in err, (code_seen, out, err)
-    assert len(err.strip().splitlines()) == 1 or code == 2, err  # one line (argparse adds its usage)
+    assert code_seen == code and all(message in err for message in messages), (code_seen, out, err)
+    assert len(err.strip().splitlines()) == 1 or code == 2, err
 
 
 METRICS = ["--metrics", "--n-eval", 40, "--n-samples", 3, "--n-importance", 2]
@@ -172,7 +173,8 @@ def test_every_count_flag_at_zero_is_refused(user, script, flag):
 @pytest.mark.parametrize("value", ["-1", "4294967296", "99999999999999999999999"])
 def test_a_seed_outside_what_every_generator_takes_is_refused(user, value):
     for script in ("train.py", "sample.py"):  # before: numpy's ValueError traceback
-        refused(user(script, "--seed", value), "argument --seed: expected a whole number from 0 to 4294967295", 2)
+        refused(user(script, "--seed", value), "argument --seed: expected a whole number from 0 to 4294967295",
+                code=2)
 
 
 def test_far_too_large_numbers(user, trained, tmp_path):

@@ -10,17 +10,9 @@ import pytest
 
 import reproduce_documents
 import reproduce_results
+from test_bad_input import refused
 from test_bad_input_3 import read_only
 from test_records import hand_made, seeds
-
-
-def one_line(result, *parts):
-    code, _, err = result
-    assert code not in (0, None) and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 or code == 2, err  # argparse adds its usage line
-    for part in parts:
-        assert part in lines[-1], lines[-1]
 
 
 @pytest.fixture
@@ -66,8 +58,8 @@ def test_a_record_whose_numbers_are_not_numbers_or_that_lacks_a_field_stops_the_
         command, documents, tmp_path, change, message):
     records, before = records_copy(tmp_path), documents()
     edit_record(records, "fixed-seed1", change)
-    one_line(command("--tables", "--records-dir", records), f"the record {records / 'fixed-seed1.json'}", message,
-             "restore it with git checkout")
+    refused(command("--tables", "--records-dir", records), f"the record {records / 'fixed-seed1.json'}", message,
+            "restore it with git checkout")
     assert documents() == before
 
 
@@ -79,16 +71,16 @@ def test_a_table_marker_without_its_closing_line_stops_the_tables_before_writing
     report.write_text("".join(lines))
     before = documents()
     opening = [i for i, line in enumerate(lines) if line.startswith("<!-- table ")][2] + 1
-    one_line(command("--tables"), f"samples/README.md, line {opening}: a table marker without its pair",
-             "restore the marker, or git checkout samples/README.md")
+    refused(command("--tables"), f"samples/README.md, line {opening}: a table marker without its pair",
+            "restore the marker, or git checkout samples/README.md")
     assert documents() == before  # before: 0, the report 62 lines shorter
 
 
 def test_a_records_folder_that_does_not_exist_is_named_not_taken_for_no_records(command, documents, tmp_path):
     before = documents()
     for flags in (["--tables"], ["--tables", "--check"], ["--verify", "fixed-seed1"], []):
-        one_line(command(*flags, "--records-dir", tmp_path / "recrods"), f"--records-dir {tmp_path / 'recrods'}: "
-                 "no such folder", "create it first")
+        refused(command(*flags, "--records-dir", tmp_path / "recrods"), f"--records-dir {tmp_path / 'recrods'}: "
+                "no such folder", "create it first")
     assert documents() == before and not (tmp_path / "recrods").exists()
 
 
@@ -96,14 +88,14 @@ def test_a_records_folder_that_does_not_exist_is_named_not_taken_for_no_records(
 
 def test_a_records_folder_that_is_a_file_is_named(command, tmp_path):
     (tmp_path / "records").write_text("not a folder")
-    one_line(command("--tables", "--records-dir", tmp_path / "records"), "no such folder")
+    refused(command("--tables", "--records-dir", tmp_path / "records"), "no such folder")
 
 
 def test_a_json_file_that_is_not_a_record_in_the_records_folder_is_named(command, documents, tmp_path):
     records, before = records_copy(tmp_path), documents()
     (records / "notes.json").write_text(json.dumps({"todo": "more seeds"}))
-    one_line(command("--tables", "--records-dir", records), f"the record {records / 'notes.json'} is not one of this "
-             "reproduction's (no run, train, config")
+    refused(command("--tables", "--records-dir", records), f"the record {records / 'notes.json'} is not one of this "
+            "reproduction's (no run, train, config")
     assert documents() == before
 
 
@@ -111,7 +103,7 @@ def test_a_record_without_a_measure_its_table_reads_stops_the_tables(command, do
     records, before = records_copy(tmp_path), documents()
     edit_record(records, "concat-seed1", lambda r: r["measurements"]["concat-seed1-T1"]["metrics"]["metrics"].pop(
         "frechet"))
-    one_line(command("--tables", "--records-dir", records), "reads 'frechet' where the records in", "git checkout")
+    refused(command("--tables", "--records-dir", records), "reads 'frechet' where the records in", "git checkout")
     assert documents() == before  # before: KeyError: 'frechet'
 
 
@@ -119,7 +111,7 @@ def test_a_broken_run_verified_again_is_named_by_the_tables(command, documents, 
     records, before = records_copy(tmp_path), documents()
     again = tmp_path / "r" / "verify" / "shipped.json"
     again.write_text(again.read_text()[:300])
-    one_line(command("--tables", "--records-dir", records), f"the record {again} cannot be read (JSONDecodeError)")
+    refused(command("--tables", "--records-dir", records), f"the record {again} cannot be read (JSONDecodeError)")
     assert documents() == before
 
 
@@ -133,14 +125,14 @@ def test_a_stray_or_doubled_table_marker_stops_the_tables(command, documents, tm
     readme = tmp_path / "README.md"
     readme.write_text(edit(readme.read_text()))
     before = documents()
-    one_line(command("--tables"), "README.md, line ", "a table marker without its pair")
+    refused(command("--tables"), "README.md, line ", "a table marker without its pair")
     assert documents() == before
 
 
 def test_a_missing_document_is_named_with_what_to_do(command, documents, tmp_path):
     (tmp_path / "samples" / "README.md").unlink()
     before = documents()
-    one_line(command("--tables"), "samples/README.md is missing: restore it with git checkout samples/README.md")
+    refused(command("--tables"), "samples/README.md is missing: restore it with git checkout samples/README.md")
     assert documents() == before  # before: a full disk's message ("free space")
 
 
@@ -148,15 +140,15 @@ def test_a_missing_document_is_named_with_what_to_do(command, documents, tmp_pat
 
 def test_a_runs_folder_that_is_a_file_is_named_before_any_work(command, tmp_path):
     (tmp_path / "runs").write_text("")
-    one_line(command("--runs-dir", tmp_path / "runs", "--section", "results"), f"--runs-dir {tmp_path / 'runs'} is a "
-             "file, not a folder")  # before: "File exists. ... free space"
+    refused(command("--runs-dir", tmp_path / "runs", "--section", "results"), f"--runs-dir {tmp_path / 'runs'} is a "
+            "file, not a folder")  # before: "File exists. ... free space"
 
 
 def test_a_runs_folder_that_cannot_be_written_is_named_before_any_work(command, tmp_path):
     (tmp_path / "runs").mkdir()
     with read_only(tmp_path / "runs"):
-        one_line(command("--runs-dir", tmp_path / "runs", "--section", "results"),
-                 f"cannot write in the folder '{tmp_path / 'runs'}'", "pass another --runs-dir")
+        refused(command("--runs-dir", tmp_path / "runs", "--section", "results"),
+                f"cannot write in the folder '{tmp_path / 'runs'}'", "pass another --runs-dir")
 
 
 # ----------------------------------------------------------------------------- --verify, --section, --jobs
@@ -171,8 +163,7 @@ def test_a_runs_folder_that_cannot_be_written_is_named_before_any_work(command, 
     (["--section", "everything"], "argument --section: invalid choice: 'everything'"),
 ])
 def test_flags_that_contradict_each_other_or_are_out_of_range_are_refused(command, flags, message):
-    result = command(*flags)
-    assert result[0] == 2 and message in result[2], result[2]  # before: one of them silently ignored
+    refused(command(*flags), message, code=2)  # before: one of them silently ignored
 
 
 def test_verify_of_a_continuation_whose_start_has_no_record_names_it(command, tmp_path):
@@ -184,8 +175,8 @@ def test_verify_of_a_continuation_whose_start_has_no_record_names_it(command, tm
     for record in (start, long):
         (records / f"{record['run']}.json").write_text(json.dumps(record))
     (records / "mix-and-match-seed0.json").unlink()
-    one_line(command("--verify", "mix-and-match-seed0-long", "--records-dir", records, "--runs-dir", tmp_path / "runs"),
-             "mix-and-match-seed0-long continues mix-and-match-seed0, which has no record",
-             "restore mix-and-match-seed0.json with git checkout")  # before: KeyError
+    refused(command("--verify", "mix-and-match-seed0-long", "--records-dir", records, "--runs-dir", tmp_path / "runs"),
+            "mix-and-match-seed0-long continues mix-and-match-seed0, which has no record",
+            "restore mix-and-match-seed0.json with git checkout")  # before: KeyError
     assert not (tmp_path / "runs").exists()
 

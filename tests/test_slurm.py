@@ -17,7 +17,7 @@ import time
 import pytest
 
 import reproduce_results
-from test_bad_input_4 import one_line
+from test_bad_input import refused
 
 pytest.importorskip("submitit", reason="the reproduction's --submit needs submitit (.ci/run installs it)")
 reproduce_slurm = pytest.importorskip("reproduce_slurm")
@@ -183,8 +183,8 @@ def test_the_local_executor_runs_the_same_tasks(reproduction, monkeypatch, tmp_p
 
 def test_a_machine_without_sbatch_or_submitit_is_told_what_is_missing(reproduction, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    one_line(reproduction("slurm", "--submit", "slurm"), "error: --submit slurm needs SLURM's sbatch, and this "
-             "machine has none: run the command on the cluster's login node, or use --jobs N on this machine")
+    refused(reproduction("slurm", "--submit", "slurm"), "error: --submit slurm needs SLURM's sbatch, and this "
+            "machine has none: run the command on the cluster's login node, or use --jobs N on this machine")
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "reproduce_slurm")
-    one_line(reproduction("slurm", "--submit", "local"), "error: --submit needs submitit: pip install submitit")
+    refused(reproduction("slurm", "--submit", "local"), "error: --submit needs submitit: pip install submitit")
