@@ -188,7 +188,7 @@ def test_a_read_only_checkout_samples_and_measures_with_writable_paths(user, tra
     with read_only(tmp_path / "checkpoint"):
         # the caches must be built, and checkpoint/ cannot hold them: one line that names the flag
         refused(user("sample.py", "--checkpoint", trained, "--out", "out/g.png", *METRICS),
-                "cannot write in the folder 'checkpoint' (Operation not permitted); pass another --cache-dir", 1)
+                "cannot write in the folder 'checkpoint' (Operation not permitted); pass another --cache-dir")
         user("sample.py", "--checkpoint", trained, "--out", "out/g.png", *METRICS, "--cache-dir", "out/cache",
              "--json", "out/m.json", check=True)
     assert sorted(os.listdir(tmp_path / "out" / "cache")) == ["digit_classifier.pth", "mnist_neighbours.pth"]
