@@ -199,7 +199,7 @@ def unpaired_marker(text):
 
 
 def read_text(path):
-    with contextlib.suppress(FileNotFoundError), open(path) as f:
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as f:
         return f.read()
     return None
 

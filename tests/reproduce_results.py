@@ -55,8 +55,7 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import torch
 
@@ -68,6 +67,8 @@ from utils import (
     save_json,
     writable_dir,
 )
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = {"mix-and-match": [], "fixed": ["--conditioning", "fixed"], "curriculum": ["--curriculum-step", "1"]}
 SEEDS = (0, 1, 2)
@@ -606,7 +607,7 @@ def run(args, what, log, script, *script_args):
     t0 = time.time()
     print(what, flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         process = subprocess.Popen([sys.executable, os.path.join(REPO, script), *script_args], cwd=REPO, env=env,
                                    stdout=f, stderr=subprocess.STDOUT)
         RUNNING.add(process)
@@ -622,7 +623,7 @@ def run(args, what, log, script, *script_args):
         while True:  # the scheduler's SIGKILL follows within its KillWait
             time.sleep(60)
     if returncode != 0:
-        with open(log) as f:
+        with open(log, encoding="utf-8") as f:
             tail = f.read()[-2000:]
         sys.exit(f"{tail}\nerror: {script} failed (exit {returncode}), its log: {log}. "
                  f"Fix the cause and run this command again: it continues where it stopped.")
@@ -687,7 +688,7 @@ def read_seconds(path):
 
 def read_json_file(path):
     """What the JSON file holds, or None where it is missing or broken."""
-    with contextlib.suppress(OSError, ValueError), open(path) as f:
+    with contextlib.suppress(OSError, ValueError), open(path, encoding="utf-8") as f:
         return json.load(f)
     return None
 
@@ -723,7 +724,7 @@ def versions():
 
 
 def cpu_model():
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
         for line in f:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
@@ -739,7 +740,7 @@ def read_records(folder):
     records = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 record = json.load(f, parse_constant=not_a_number)
         except (OSError, ValueError) as e:
             reason = str(e) if type(e) is ValueError else type(e).__name__  # a NaN says so; a cut file its kind

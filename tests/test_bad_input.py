@@ -62,7 +62,7 @@ def test_a_cached_classifier_holding_a_nan_is_retrained(user, trained, tmp_path)
 
 @pytest.mark.parametrize("what, make, message", [
     ("an empty file", lambda p: p.write_bytes(b""), "it is truncated or not a checkpoint of this repository"),
-    ("a JSON file", lambda p: p.write_text('{"alpha": 64}'), "it is truncated or not a checkpoint"),
+    ("a JSON file", lambda p: p.write_text('{"alpha": 64}', encoding="utf-8"), "it is truncated or not a checkpoint"),
     ("a PNG image", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100)), "it is truncated or not a checkpoint"),
     ("another model's weights", lambda p: torch.save(torch.nn.Linear(3, 4).state_dict(), p),
      ("does not match MixAndMatchCVAE (a bare state_dict, read with the tutorial's sizes): Missing key(s) in "

@@ -23,7 +23,7 @@ def strict_json(path):
     """The file as JSON, refusing NaN and infinities as strict parsers do."""
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
-    return json.loads(path.read_text(), parse_constant=refuse)
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
 def ended_process_id():
@@ -111,12 +111,13 @@ def test_a_second_train_py_into_the_same_folder_is_refused_and_a_dead_ones_lock_
     (tmp_path / "ck").mkdir()
     lock = tmp_path / "ck" / "train.lock"
     host = socket.gethostname()
-    lock.write_text(f"{host} {os.getpid()}")  # a live train.py holds the folder (this process stands in for it)
+    # a live train.py holds the folder (this process stands in for it)
+    lock.write_text(f"{host} {os.getpid()}", encoding="utf-8")
     refused(user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res"),
             f"another train.py (process {os.getpid()} on {host}) is writing checkpoints in 'ck'; wait for it to "
             f"end, or pass another --checkpoint-dir")
     assert os.listdir(tmp_path / "ck") == ["train.lock"]
-    lock.write_text(f"{host} {ended_process_id()}")  # valid: the lock of a run that was killed
+    lock.write_text(f"{host} {ended_process_id()}", encoding="utf-8")  # valid: the lock of a run that was killed
     user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res", check=True)
     assert os.listdir(tmp_path / "ck") == ["mix_match_01.pth"]  # and the lock goes with the run
 
@@ -147,7 +148,7 @@ def test_two_writers_of_one_file_each_leave_it_whole():
 def test_a_lock_names_its_host_and_a_dead_process_or_another_hosts_is_taken_over(tmp_path):
     lock, host = tmp_path / "chain.lock", socket.gethostname()
     with process_lock(str(lock)) as holder:  # what a lock holds: this host and this process
-        assert holder is None and lock.read_text() == f"{host} {os.getpid()}"
+        assert holder is None and lock.read_text(encoding="utf-8") == f"{host} {os.getpid()}"
         with process_lock(str(lock)) as second:  # a second worker of the same process: held
             assert second == f"process {os.getpid()} on {host}"
     assert not lock.exists()
@@ -155,10 +156,10 @@ def test_a_lock_names_its_host_and_a_dead_process_or_another_hosts_is_taken_over
     # taken over, even with the id of a live process here (this one's)
     dead = ended_process_id()
     for left in (f"other-host {os.getpid()}", f"{host} {dead}", str(dead)):  # this host's dead one; an older version's
-        lock.write_text(left)
+        lock.write_text(left, encoding="utf-8")
         with process_lock(str(lock)) as holder:
-            assert holder is None and lock.read_text() == f"{host} {os.getpid()}"
-    lock.write_text("")  # being written: held
+            assert holder is None and lock.read_text(encoding="utf-8") == f"{host} {os.getpid()}"
+    lock.write_text("", encoding="utf-8")  # being written: held
     with process_lock(str(lock)) as holder:
         assert holder == "an unknown process"
     for content in (b"\x89PNG\r\n\x1a\n\0\0", b"two words and more"):  # not a lock: named, not a traceback
@@ -229,7 +230,7 @@ def test_a_measurement_json_left_broken_is_measured_again(tmp_path, monkeypatch,
     args = reproduce_results.argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"),
                                                 data_root="data", threads=1)
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "m-T1.json").write_text(content)  # cut short, or edited by another tool
+    (tmp_path / "metrics" / "m-T1.json").write_text(content, encoding="utf-8")  # cut short, or edited by another tool
     calls = []
     monkeypatch.setattr(reproduce_results, "run", lambda args, what, log, script, *rest: calls.append(script) or 1.0)
     assert reproduce_results.read_json(str(tmp_path / "metrics" / "m-T1.json")) is None  # before: a traceback

@@ -40,9 +40,9 @@ def records_copy(tmp_path):
 
 def edit_record(folder, run, change):
     path = folder / f"{run}.json"
-    record = json.loads(path.read_text())
+    record = json.loads(path.read_text(encoding="utf-8"))
     change(record)
-    path.write_text(json.dumps(record, indent=1))
+    path.write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- issue 33's four categories
@@ -65,10 +65,10 @@ def test_a_record_whose_numbers_are_not_numbers_or_that_lacks_a_field_stops_the_
 
 def test_a_table_marker_without_its_closing_line_stops_the_tables_before_writing(command, documents, tmp_path):
     report = tmp_path / "samples" / "README.md"
-    lines = report.read_text().splitlines(keepends=True)
+    lines = report.read_text(encoding="utf-8").splitlines(keepends=True)
     closing = [i for i, line in enumerate(lines) if line == "<!-- /table -->\n"]
     del lines[closing[2]]  # the third table's closing line
-    report.write_text("".join(lines))
+    report.write_text("".join(lines), encoding="utf-8")
     before = documents()
     opening = [i for i, line in enumerate(lines) if line.startswith("<!-- table ")][2] + 1
     refused(command("--tables"), f"samples/README.md, line {opening}: a table marker without its pair",
@@ -87,13 +87,13 @@ def test_a_records_folder_that_does_not_exist_is_named_not_taken_for_no_records(
 # ----------------------------------------------------------------------------- the records
 
 def test_a_records_folder_that_is_a_file_is_named(command, tmp_path):
-    (tmp_path / "records").write_text("not a folder")
+    (tmp_path / "records").write_text("not a folder", encoding="utf-8")
     refused(command("--tables", "--records-dir", tmp_path / "records"), "no such folder")
 
 
 def test_a_json_file_that_is_not_a_record_in_the_records_folder_is_named(command, documents, tmp_path):
     records, before = records_copy(tmp_path), documents()
-    (records / "notes.json").write_text(json.dumps({"todo": "more seeds"}))
+    (records / "notes.json").write_text(json.dumps({"todo": "more seeds"}), encoding="utf-8")
     refused(command("--tables", "--records-dir", records), f"the record {records / 'notes.json'} is not one of this "
             "reproduction's (no run, train, config")
     assert documents() == before
@@ -110,7 +110,7 @@ def test_a_record_without_a_measure_its_table_reads_stops_the_tables(command, do
 def test_a_broken_run_verified_again_is_named_by_the_tables(command, documents, tmp_path):
     records, before = records_copy(tmp_path), documents()
     again = tmp_path / "r" / "verify" / "shipped.json"
-    again.write_text(again.read_text()[:300])
+    again.write_text(again.read_text(encoding="utf-8")[:300], encoding="utf-8")
     refused(command("--tables", "--records-dir", records), f"the record {again} cannot be read (JSONDecodeError)")
     assert documents() == before
 
@@ -123,7 +123,7 @@ def test_a_broken_run_verified_again_is_named_by_the_tables(command, documents, 
 ])
 def test_a_stray_or_doubled_table_marker_stops_the_tables(command, documents, tmp_path, edit, line):
     readme = tmp_path / "README.md"
-    readme.write_text(edit(readme.read_text()))
+    readme.write_text(edit(readme.read_text(encoding="utf-8")), encoding="utf-8")
     before = documents()
     refused(command("--tables"), "README.md, line ", "a table marker without its pair")
     assert documents() == before
@@ -139,7 +139,7 @@ def test_a_missing_document_is_named_with_what_to_do(command, documents, tmp_pat
 # ----------------------------------------------------------------------------- the runs folder
 
 def test_a_runs_folder_that_is_a_file_is_named_before_any_work(command, tmp_path):
-    (tmp_path / "runs").write_text("")
+    (tmp_path / "runs").write_text("", encoding="utf-8")
     refused(command("--runs-dir", tmp_path / "runs", "--section", "results"), f"--runs-dir {tmp_path / 'runs'} is a "
             "file, not a folder")  # before: "File exists. ... free space"
 
@@ -173,7 +173,7 @@ def test_verify_of_a_continuation_whose_start_has_no_record_names_it(command, tm
     long["train"] = {"script": ["train.py"], "flags": [], "epochs": 200, "continues": "mix-and-match-seed0",
                      "first_epoch": 51, "seconds": 1.0}
     for record in (start, long):
-        (records / f"{record['run']}.json").write_text(json.dumps(record))
+        (records / f"{record['run']}.json").write_text(json.dumps(record), encoding="utf-8")
     (records / "mix-and-match-seed0.json").unlink()
     refused(command("--verify", "mix-and-match-seed0-long", "--records-dir", records, "--runs-dir", tmp_path / "runs"),
             "mix-and-match-seed0-long continues mix-and-match-seed0, which has no record",

@@ -115,7 +115,7 @@ def test_metrics_command_end_to_end(tmp_path, mnist_root, in_process):
     assert "training" not in second.stdout and table == second.stdout.split("fixed conditioning")[1]
     for name in ["IW NLL", "diversity", "best-of-K", "active latent units", "conditional Inception Score"]:
         assert name in table
-    history = (tmp_path / "results" / "history.json").read_text()
+    history = (tmp_path / "results" / "history.json").read_text(encoding="utf-8")
     assert '"train_kl"' in history and (tmp_path / "results" / "curves.png").is_file()
 
 
@@ -148,7 +148,7 @@ def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root, in_process
     result = run_script("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
                         "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3,
                         "--json", "out/metrics.json", cwd=tmp_path)
-    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert written["temperature"] == 1.5 and "temperature 1.5;" in result.stdout
     assert (written["seed"], written["alpha"], written["train_alpha"], written["train_seed"]) == (3, 64, 64, 0)
     assert written["checkpoint"].endswith("mix_match_01.pth")
@@ -163,7 +163,7 @@ def test_metrics_json_holds_the_printed_numbers(tmp_path, mnist_root, in_process
     assert in_process("sample.py", "--data-root", mnist_root, "--metrics", "--n-eval", 40, "--n-samples", 5,
                       "--n-importance", 8, "--device", "cpu", "--temperature", 1.5, "--seed", 3, "--json",
                       "out/other.json", "--figure", "figure.png", "--n-images", 3, cwd=tmp_path).returncode == 0
-    assert json.loads((tmp_path / "out" / "other.json").read_text()) == written
+    assert json.loads((tmp_path / "out" / "other.json").read_text(encoding="utf-8")) == written
 
 
 def test_sampling_flags_are_checked_before_any_work(tmp_path, in_process):

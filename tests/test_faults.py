@@ -85,7 +85,7 @@ def test_skipping_a_last_batch_of_one_leaves_every_other_batch_as_it_was(mnist_r
 
 
 def test_output_folders_and_files_are_checked_before_any_work(tmp_path, in_process):
-    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
     nowhere = tmp_path / "no_data"  # had training or sampling started, this would be the error
     for flag in ["--checkpoint-dir", "--results-dir"]:
         result = in_process("train.py", "--data-root", nowhere, flag, "a_file/sub", cwd=tmp_path)

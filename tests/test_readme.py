@@ -47,11 +47,11 @@ def stale_links(readme, read):
 
 def read_repo_file(path):
     full = os.path.join(REPO, path)
-    return open(full).read() if os.path.isfile(full) else None
+    return open(full, encoding="utf-8").read() if os.path.isfile(full) else None
 
 
 def readme():
-    with open(os.path.join(REPO, "README.md")) as f:
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         return f.read()
 
 
@@ -80,6 +80,6 @@ def test_the_check_fails_on_a_moved_function_a_missing_file_and_a_line_past_the_
 def test_the_own_model_example_runs_as_written(tmp_path):
     """README's "Mix-and-Match in your own model" block, run as a reader would paste it into a file."""
     section = readme().split("## Mix-and-Match in your own model", 1)[1]
-    (tmp_path / "example.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    (tmp_path / "example.py").write_text(section.split("```python\n", 1)[1].split("```", 1)[0], encoding="utf-8")
     namespace = runpy.run_path(str(tmp_path / "example.py"))  # its own assert checks the shape it promises
     assert namespace["h_z"].shape == (8, 128) and len(namespace["future"]) == 25

@@ -44,7 +44,7 @@ def tiny(monkeypatch, tmp_path, mnist_root):
         threads.append(args.threads)
         os.makedirs(os.path.dirname(log), exist_ok=True)
         handler = signal.getsignal(signal.SIGTERM)  # train.py installs its own
-        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             monkeypatch.setattr(sys, "argv", [script, *script_args])
             with contextlib.suppress(SystemExit):
                 runpy.run_path(os.path.join(reproduce_results.REPO, script), run_name="__main__")
@@ -64,7 +64,7 @@ def tiny(monkeypatch, tmp_path, mnist_root):
 
 
 def read(tmp_path, run):
-    return json.loads((tmp_path / "records" / f"{run}.json").read_text())
+    return json.loads((tmp_path / "records" / f"{run}.json").read_text(encoding="utf-8"))
 
 
 def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_path, capsys):
@@ -81,16 +81,17 @@ def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_p
     assert list(seed1["measurements"]) == ["tiny-seed1-T1", "tiny-seed1-T2"]
     measured = seed1["measurements"]["tiny-seed1-T2"]
     assert measured["flags"][:2] == ["--temperature", "2"] and measured["seconds"] == 1.0
-    sample_json = json.loads((tmp_path / "runs" / "metrics" / "tiny-seed1-T2.json").read_text())
+    sample_json = json.loads((tmp_path / "runs" / "metrics" / "tiny-seed1-T2.json").read_text(encoding="utf-8"))
     assert measured["metrics"] == sample_json and sample_json["temperature"] == 2  # exactly as sample.py wrote it
 
     assert tiny() in (None, 0) and "training" not in capsys.readouterr().out  # all recorded: nothing again
     # another machine sharing the runs folder trained tiny-seed1; this one writes its record, with that
     # machine's provenance, and trains and measures nothing
-    environment = json.loads((tmp_path / "runs" / "tiny-seed1" / "environment.json").read_text())
+    environment = json.loads((tmp_path / "runs" / "tiny-seed1" / "environment.json").read_text(encoding="utf-8"))
     assert environment == {key: seed1[key] for key in ("commit", *reproduce_results.VERSIONS, "cpu", "cpu_capability",
                                                        "threads")}
-    (tmp_path / "runs" / "tiny-seed1" / "environment.json").write_text(json.dumps({**environment, "cpu": "Other"}))
+    (tmp_path / "runs" / "tiny-seed1" / "environment.json").write_text(json.dumps({**environment, "cpu": "Other"}),
+                                                                        encoding="utf-8")
     (tmp_path / "records" / "tiny-seed1.json").unlink()
     assert tiny() in (None, 0)
     out = capsys.readouterr().out
@@ -245,7 +246,7 @@ def test_verify_tells_the_committed_pairs_apart():
     (json.dumps({**hand_made("x", 1.0), "measurements": []}), "(measurements that are not a table of measurements)"),
 ])
 def test_a_broken_record_is_named_in_one_line_before_any_work(tmp_path, content, message):
-    (tmp_path / "x.json").write_text(content)
+    (tmp_path / "x.json").write_text(content, encoding="utf-8")
     with pytest.raises(SystemExit) as e:
         reproduce_results.read_records(str(tmp_path))
     assert f"error: the record {tmp_path / 'x.json'} " in e.value.code and message in e.value.code
@@ -268,7 +269,7 @@ def test_tables_are_written_from_the_records_pending_where_a_section_is_not_reco
 
     (tmp_path / "samples").mkdir()
     for document in ("README.md", "samples/README.md"):
-        (tmp_path / document).write_text(DOCUMENT)
+        (tmp_path / document).write_text(DOCUMENT, encoding="utf-8")
     monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
     monkeypatch.setattr(reproduce_documents, "figures", dict)
     write_records(tmp_path / "records", metrics())
@@ -278,16 +279,18 @@ def test_tables_are_written_from_the_records_pending_where_a_section_is_not_reco
     assert reproduce_results.write_documents(records) == 0
     out = capsys.readouterr().out
     assert "section mechanism: 24 measurements not recorded yet (ar-random-decoder-seed0-T1" in out
-    text = (tmp_path / "README.md").read_text()
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
     assert text.startswith("# Results\n<!-- table seeds -->\n| metric (per test image), mean ± sd over seeds 0, 1, 2 |")
     assert "<!-- /table -->\nText that stays.\n<!-- table mechanism -->\n*Pending: measurements not recorded yet " \
            "(24 of section mechanism);" in text
-    assert (tmp_path / "samples" / "tables" / "seed_differences.md").read_text().startswith("| metric | mix-and-match")
-    assert (tmp_path / "samples" / "tables" / "mechanism_differences.md").read_text().startswith("*Pending: ")
+    tables = tmp_path / "samples" / "tables"
+    assert (tables / "seed_differences.md").read_text(encoding="utf-8").startswith("| metric | mix-and-match")
+    assert (tables / "mechanism_differences.md").read_text(encoding="utf-8").startswith("*Pending: ")
     assert reproduce_results.write_documents(records, check=True) == 0  # as the records give
-    (tmp_path / "README.md").write_text(text.replace("| 74.000 ± 1.000 |", "| 74.001 ± 1.000 |"))  # edited by hand
+    edited_by_hand = text.replace("| 74.000 ± 1.000 |", "| 74.001 ± 1.000 |")
+    (tmp_path / "README.md").write_text(edited_by_hand, encoding="utf-8")
     assert reproduce_results.write_documents(records, check=True) == 1
-    (tmp_path / "README.md").write_text(text + "<!-- table nonsense -->\n<!-- /table -->\n")
+    (tmp_path / "README.md").write_text(text + "<!-- table nonsense -->\n<!-- /table -->\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="a table marker of no table of this reproduction: nonsense"):
         reproduce_results.write_documents(records)
 
@@ -360,7 +363,7 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
         write_records(tmp_path / "records", {m: every_measurement(m, flags) for m, flags in planned.items()})
     records = reproduce_results.read_records(args.records_dir)
     metrics = reproduce_results.recorded_measurements(args.records_dir)
-    with open(f"{reproduce_results.REPO}/README.md") as f:
+    with open(f"{reproduce_results.REPO}/README.md", encoding="utf-8") as f:
         in_readme = {name for _, name, _, _ in reproduce_documents.TABLE.findall(f.read())}
     for name, (_, make) in reproduce_documents.tables(args.records_dir).items():
         widest = max((line.count(" | ") + 1 for line in make(metrics, records).splitlines() if line.startswith("| ")),
@@ -370,10 +373,10 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
 
     # and --tables writes every one into the documents, and every figure, from these records alone
     for path in (tmp_path / "records").iterdir():
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
         record["history"] = [{"epoch": e, "train_rec": 80.0 - e, "train_kl": 10.0, "kl_weight": 0.5,
                               "test_loss": 90.0 - e, "seconds": 1.0} for e in (1, 2)]
-        path.write_text(json.dumps(record))
+        path.write_text(json.dumps(record), encoding="utf-8")
     (tmp_path / "samples").mkdir()
     for document in reproduce_documents.DOCUMENTS:
         shutil.copyfile(f"{reproduce_results.REPO}/{document}", tmp_path / document)
@@ -381,7 +384,7 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
     assert reproduce_results.write_documents(args.records_dir) == 0
     tables = [f"samples/{name}" for name in reproduce_documents.table_files()]
     for document in [*reproduce_documents.DOCUMENTS, *tables]:
-        assert "Pending" not in (tmp_path / document).read_text(), document
+        assert "Pending" not in (tmp_path / document).read_text(encoding="utf-8"), document
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == sorted(reproduce_documents.figures())
 
 
@@ -401,7 +404,7 @@ def test_two_workers_share_the_chains_and_a_continuation_follows_its_run(tiny, t
             torch.save({"history": history, "config": {"decoder": "mlp"}}, f"{folder}/mix_match_{epochs:02d}.pth")
         else:  # sample.py --metrics --json PATH
             os.makedirs(os.path.dirname(log), exist_ok=True)
-            with open(flags[flags.index("--json") + 1], "w") as f:
+            with open(flags[flags.index("--json") + 1], "w", encoding="utf-8") as f:
                 json.dump({"classifier_accuracy": 0.9913, "temperature": 1.0, "metrics": {}}, f)
         events.append((threading.current_thread().name, what))
         time.sleep(0.1)  # so that both workers are busy at once

@@ -189,12 +189,12 @@ def write_records(folder, measured):
     for name, metrics in measured.items():
         run = name.rsplit("-T", 1)[0]
         path = folder / f"{run}.json"
-        record = json.loads(path.read_text()) if path.exists() else {
+        record = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {
             "run": run, "train": None, "config": {}, "history": [], "measurements": {}, "commit": "c",
             "torch": "t", "cpu": "cpu", "cpu_capability": "AVX2", "threads": 1}
         record["measurements"][name] = {"flags": [], "seconds": 1.0,
                                         "metrics": {"classifier_accuracy": 0.9913, "temperature": 1.0, **metrics}}
-        path.write_text(json.dumps(record))
+        path.write_text(json.dumps(record), encoding="utf-8")
 
 
 def measure_all(tmp_path, names):
@@ -290,7 +290,7 @@ def test_one_side_random_trains_and_measures_through_train_and_sample(tmp_path, 
     in_process("tests/one_side_random.py", "encoder", "sample.py", *common, "--checkpoint", "encoder/mix_match_01.pth",
                "--metrics", "--n-eval", 20, "--n-samples", 4, "--n-importance", 4, "--json", "m.json", "--out", "g.png",
                cwd=tmp_path, check=True)
-    measured = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    measured = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["metrics"]
     assert measured["diversity_sampling"]["model"] == 0  # its decoder always has the fixed split
     assert measured["diversity_z"]["model"] > 0
     refused = in_process("tests/one_side_random.py", "both", "train.py", cwd=tmp_path)

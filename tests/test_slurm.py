@@ -67,7 +67,8 @@ def records(folder):
         if isinstance(value, str):
             return value.replace(runs, "RUNS")
         return [without_seconds(v) for v in value] if isinstance(value, list) else value
-    return {path.stem: without_seconds(json.loads(path.read_text())) for path in sorted(folder.glob("*.json"))}
+    return {path.stem: without_seconds(json.loads(path.read_text(encoding="utf-8")))
+            for path in sorted(folder.glob("*.json"))}
 
 
 def in_process_records(reproduction, tmp_path, name="reference"):
@@ -86,7 +87,7 @@ def test_a_tiny_reproduction_through_slurm_records_what_the_in_process_one_recor
     assert code == 0, out + err
     assert "submitted 2 chains as job array " in out and "_TASK_0_log.out" in out  # the logs said once, up front
     assert "tasks: 0 done, " in out and "every run is recorded" in out
-    submitted = json.loads((tmp_path / "slurm" / "runs" / "slurm" / "submitted.json").read_text())
+    submitted = json.loads((tmp_path / "slurm" / "runs" / "slurm" / "submitted.json").read_text(encoding="utf-8"))
     assert sorted(submitted) == ["tiny-seed0", "tiny-seed1"] and all(
         os.path.isfile(entry["log"]) for entry in submitted.values())
     got = records(tmp_path / "slurm" / "records")
@@ -113,7 +114,7 @@ def test_a_task_requeued_while_it_trains_resumes_and_records_what_an_uninterrupt
         while time.time() < deadline and len(list(checkpoints.glob("mix_match_*.pth"))) < 3:
             time.sleep(0.05)
         listed = tmp_path / "slurm" / "runs" / "slurm" / "submitted.json"
-        job = json.loads(listed.read_text())["tiny-seed2"]["job"]
+        job = json.loads(listed.read_text(encoding="utf-8"))["tiny-seed2"]["job"]
         requeued.append((len(list(checkpoints.glob("mix_match_*.pth"))),
                          subprocess.run([*interrupt, job], capture_output=True, text=True, check=False)))
         # SLURM holds a requeued job back for two minutes, once it is pending again; an administrator may
@@ -131,7 +132,8 @@ def test_a_task_requeued_while_it_trains_resumes_and_records_what_an_uninterrupt
     assert code == 0, out + err
     (epochs, result), = requeued
     assert result.returncode == 0 and 3 <= epochs < 200, result.stderr  # requeued part-way through its training
-    log = "".join(p.read_text() for p in sorted((tmp_path / "slurm" / "runs" / "slurm").glob("*/*_0_log.*")))
+    logs = sorted((tmp_path / "slurm" / "runs" / "slurm").glob("*/*_0_log.*"))
+    log = "".join(p.read_text(encoding="utf-8") for p in logs)
     assert said in log
     assert f"training tiny-seed2, from {checkpoints}/mix_match_" in log  # it came back and resumed
     assert records(tmp_path / "slurm" / "records") == in_process_records(reproduction, tmp_path)
@@ -166,7 +168,7 @@ def test_a_failed_task_is_named_with_its_log_and_the_others_go_on(reproduction, 
     failed = [line for line in out.splitlines() if line.startswith("failed: ")]
     assert len(failed) == 1 and failed[0].startswith("failed: broken-seed0 (task "), out
     log = failed[0].split(", its log: ")[1]
-    with open(log) as f:
+    with open(log, encoding="utf-8") as f:
         text = f.read()
     assert "error: train.py failed (exit 2)" in text and "alpha" in text
     assert "1 tasks failed: broken-seed0; their logs are named above" in out
