@@ -156,13 +156,15 @@ class MixAndMatchCVAE(nn.Module):
             return self.autoregressive_decoder(fused, data)
         return self.recurrent_decoder(fused, condition, data, teacher_forcing)
 
-    def forward(self, data, condition, alpha, curriculum_stage=None, teacher_forcing=1.0):
+    def forward(self, data, condition, alpha, curriculum_stage=None, teacher_forcing=1.0, sampled_indices=None):
         """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar). The
         reconstruction of the expressive decoders is teacher-forced with `data` (the recurrent one's
-        with probability `teacher_forcing` per frame)."""
+        with probability `teacher_forcing` per frame). A fresh Sampling unless sampled_indices are
+        given (train.py draws it before the step it may compile, which then takes I as data)."""
         self._check_width(data, self.config.input_dim, "data")
         self._check_width(condition, self.config.condition_dim, "condition")
-        sampled_indices, _ = self.sampling(alpha, curriculum_stage)
+        if sampled_indices is None:
+            sampled_indices, _ = self.sampling(alpha, curriculum_stage)
         # one condition representation feeds both Resamplings (and updates BatchNorm once a step)
         condition_h = self.condition_encoder(condition)  # (B, hidden_dim)
         mu, logvar = self.encode(data, condition_h, sampled_indices)
@@ -285,7 +287,9 @@ class RecurrentDecoder(nn.Module):
         inputs = frames[:, :-1]  # (B, rows, FRAME)
         if self.training and self.history_dropout:  # the rows the decoder made, not the condition's row 18
             inputs = torch.cat([inputs[:, :1], drop_history(inputs[:, 1:], self.history_dropout)], 1)
-        if teacher_forcing == 1:
+        # a tensor holds a probability below 1 as data: a compiled step (train.py --compile) then
+        # serves every epoch of the schedule, where a number would be compiled in as a constant
+        if not torch.is_tensor(teacher_forcing) and teacher_forcing == 1:
             states, _ = self.gru(inputs, state)  # (B, rows, hidden_dim)
             return self.to_top(torch.sigmoid(self.frame(states)))
         # scheduled sampling (Bengio et al. 2015), as the paper trains: per image and frame, the true

@@ -5,12 +5,14 @@ BCE (sum) + KL * logistic-annealed weight, Adam lr 1e-4, batch 128, 50 epochs, a
     python3 train.py --data-root ./data
 """
 import argparse
+import itertools
+import logging
 import math
 import os
-import shlex
 import signal
 import sys
 import time
+from copy import deepcopy
 from dataclasses import asdict
 
 import torch
@@ -19,7 +21,9 @@ from torch.utils.data import DataLoader
 from model import CONDITIONINGS, DECODERS, MixAndMatchCVAE, ModelConfig
 from utils import (
     TUTORIAL_ALPHA,
+    WINDOWS,
     add_device_flags,
+    fork_generators,
     free_bits_kl,
     join_image,
     kl_anneal_function,
@@ -36,6 +40,7 @@ from utils import (
     seed,
     set_seed,
     setup_device,
+    shell_command,
     signals_deferred,
     split_image,
     writable_dir,
@@ -90,6 +95,10 @@ def main():
     parser.add_argument("--curriculum-step", type=int, metavar="N",
                         help="curriculum of perturbation (paper, section 3.3): stage floor(e / N) at "
                              "epoch e (from 0); 0 = off, the tutorial (default: 0)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training step (forward, loss and backward; Adam stays eager) with "
+                             "torch.compile before the first epoch: faster on a CPU and on a GPU, and it rounds "
+                             "differently from the eager run of the same seed (README, Speed) (default: off)")
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     parser.add_argument("--checkpoint-dir", default="checkpoint", help="(default: checkpoint)")
     parser.add_argument("--results-dir", default="results", help="(default: results)")
@@ -154,6 +163,7 @@ def main():
                 print(f"note: {len(train_images)} training images leave a last batch of one image, which BatchNorm "
                       f"cannot train on; it is skipped each epoch")
 
+            step_loss = compiled_batch_loss(model, train_images, args, start_epoch) if args.compile else batch_loss
             save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
             sampling = "no Sampling" if args.conditioning == "concat" else f"alpha {args.alpha}"
             print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, {sampling}, {args.conditioning} "
@@ -168,7 +178,7 @@ def main():
                 stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
                 teacher_forcing = teacher_forcing_probability(epoch, args.teacher_forcing_epochs)
                 rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage,
-                                            teacher_forcing, args.free_bits)
+                                            teacher_forcing, args.free_bits, step_loss)
                 test_loss = evaluate(model, test_images, args.alpha)  # with the Sampling used at test time
                 if not all(map(math.isfinite, (rec, kl, test_loss))) or not is_finite(model):
                     stop(1, f"error: training diverged in epoch {epoch} (train BCE {rec:.4g}, KL {kl:.4g}, test loss "
@@ -264,16 +274,16 @@ def how_to_continue(parser, args, last_checkpoint, diverged=False):
     lower_lr = ["--lr", f"{args.lr / 10:g}"] if diverged else []
     if last_checkpoint is None:
         return ("No checkpoint of this run is on disk yet; start it again"
-                + (f" with a lower learning rate, e.g. {shlex.join(lower_lr)}." if diverged else "."))
-    words = ["python3", "train.py", "--resume", last_checkpoint]
-    for name in ("epochs", "data_root", "checkpoint_dir", "results_dir", "device", "tf32", "deterministic"):
+                + (f" with a lower learning rate, e.g. {shell_command(lower_lr)}." if diverged else "."))
+    words = ["python" if WINDOWS else "python3", "train.py", "--resume", last_checkpoint]
+    for name in ("epochs", "data_root", "checkpoint_dir", "results_dir", "device", "tf32", "deterministic", "compile"):
         value = getattr(args, name)  # not kept in a checkpoint
         if value != parser.get_default(name):
             words += [f"--{name.replace('_', '-')}", *([] if value is True else [str(value)])]
     if diverged:
         return (f"The last good checkpoint is {last_checkpoint}; continue from it with a lower learning "
-                f"rate: {shlex.join(words + lower_lr)}")
-    return f"The last complete checkpoint is {last_checkpoint}; continue with: {shlex.join(words)}"
+                f"rate: {shell_command(words + lower_lr)}")
+    return f"The last complete checkpoint is {last_checkpoint}; continue with: {shell_command(words)}"
 
 
 def raise_keyboard_interrupt(signum, frame):
@@ -314,11 +324,64 @@ def teacher_forcing_probability(epoch, teacher_forcing_epochs):
     return max(0.0, 1 - (epoch - 1) / teacher_forcing_epochs)
 
 
+def batch_loss(model, data, condition, alpha, sampled_indices, kl_weight, teacher_forcing, free_bits):
+    """The training loss of one batch for one Sampling I, BCE + kl_weight * KL (free bits, where
+    asked, in place of the KL), with the two terms; what --compile compiles."""
+    reconstruction, mu, logvar = model(data, condition, alpha, teacher_forcing=teacher_forcing,
+                                       sampled_indices=sampled_indices)
+    bce, kl = loss_terms(reconstruction, data, mu, logvar)
+    objective = free_bits_kl(mu, logvar, free_bits) if free_bits else kl
+    return bce + kl_weight * objective, bce, kl
+
+
+def compiled_batch_loss(model, images, args, start_epoch, mode="default"):
+    """batch_loss compiled (--compile), and compiled here, before the first epoch, for each case
+    the run will meet: each batch size (the last batch may be smaller) and the recurrent decoder's
+    teacher forcing, whole or scheduled. The KL weight, the Sampling and the scheduled probability
+    reach it as tensors, so no epoch recompiles (tests/test_compile.py counts the graphs). It
+    compiles on a copy of the model with the generators forked, so that the run draws and trains
+    what it would have; a platform that cannot compile ends here, in one line. `mode` is
+    torch.compile's; tests/bench_train.py also tries "reduce-overhead" (CUDA graphs) on a GPU."""
+    import torch._dynamo
+    import torch._inductor
+
+    torch._dynamo.config.allow_rnn = True  # the recurrent decoder's GRU inside the graph, not a break in it
+    # Inductor imports cpp_extension, whose "No CUDA runtime is found" means nothing to a CPU run
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # fallback_random: torch's own random draws, so that a seed draws what it draws eagerly
+    options = {**torch._inductor.list_mode_options(mode), "fallback_random": True}
+    compiled = torch.compile(batch_loss, fullgraph=True, dynamic=False, options=options)
+    sizes = sorted({min(args.batch_size, len(images)), len(images) % args.batch_size} - {0, 1}, reverse=True)
+    forcings = sorted({teacher_forcing_probability(epoch, args.teacher_forcing_epochs) == 1
+                       for epoch in range(start_epoch, args.epochs + 1)})
+    t0, graphs = time.time(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        with fork_generators(images.device):
+            copy = deepcopy(model).train()
+            for size, whole in itertools.product(sizes, forcings):
+                data, condition = split_image(images[:size])
+                teacher_forcing = 1.0 if whole else torch.tensor(0.5, device=images.device)
+                loss = compiled(copy, data, condition, args.alpha, copy.sampling(args.alpha)[0],
+                                torch.tensor(0.5, device=images.device), teacher_forcing, args.free_bits)[0]
+                loss.backward()
+    except Exception as e:  # noqa: BLE001 (Inductor's errors have no common type; each means: this platform cannot)
+        detail = (str(e).strip().splitlines() or ["no detail"])[0][:300]  # the rest is torch's advice on debugging
+        raise SystemExit(f"error: --compile cannot compile the training step here ({type(e).__name__}: {detail}); "
+                         f"train without --compile")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+    cases = f"batches of {' and '.join(map(str, sizes))}"
+    if args.decoder == "recurrent":
+        cases += f", teacher forcing {' and '.join('whole' if whole else 'scheduled' for whole in forcings)}"
+    print(f"compiled the training step in {time.time() - t0:.0f} s: {graphs} graph(s), for {cases}", flush=True)
+    return compiled
+
+
 def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_stage=None, teacher_forcing=1.0,
-                free_bits=0.0):
+                free_bits=0.0, step_loss=batch_loss):
     """One pass over the training images in shuffled batches of batch_size, the last partial one
     kept unless it holds a single image (BatchNorm cannot train on it); returns (BCE per image,
-    KL per image, step). The KL returned is the true one, also when free bits changes the loss."""
+    KL per image, step). The KL returned is the true one, also when free bits changes the loss.
+    step_loss is batch_loss, or batch_loss compiled (--compile, compiled_batch_loss)."""
     model.train()
     rec_sum = kl_sum = 0.0
     trained = 0
@@ -327,16 +390,19 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     # are sliced from one tensor. It draws from torch's generator before its first batch only, so
     # the epoch's whole order is taken at once and sent to the images' device in one copy, where a
     # copy of each batch's indices would make the CPU wait for the GPU at every step
-    order = torch.cat(list(DataLoader(range(len(images)), batch_size=batch_size, shuffle=True)))
-    order = (order.pin_memory() if images.is_cuda else order).to(images.device, non_blocking=True)
-    for indices in order.split(batch_size):
-        if len(indices) == 1:  # only a last batch can be this small: main() has said it is skipped
-            continue
+    order = to_device(torch.cat(list(DataLoader(range(len(images)), batch_size=batch_size, shuffle=True))), images)
+    # only a last batch can hold a single image: main() has said it is skipped
+    batches = [indices for indices in order.split(batch_size) if len(indices) > 1]
+    # the KL weight is annealed per step, not per epoch: the epoch's weights, and a teacher-forcing
+    # probability below 1, reach the steps as tensors, each in one copy, data that a compiled step
+    # reads where a number would be compiled in as a constant
+    kl_weights = to_device(torch.tensor([anneal_weight(s) for s in range(step, step + len(batches))]), images)
+    if teacher_forcing != 1:
+        teacher_forcing = to_device(torch.tensor(teacher_forcing), images)
+    for indices, kl_weight in zip(batches, kl_weights):
         data, condition = split_image(images.index_select(0, indices))  # faster than images[indices]
-        reconstruction, mu, logvar = model(data, condition, alpha, curriculum_stage, teacher_forcing)
-        bce, kl = loss_terms(reconstruction, data, mu, logvar)
-        objective = free_bits_kl(mu, logvar, free_bits) if free_bits else kl
-        loss = bce + anneal_weight(step) * objective  # the KL weight is annealed per step, not per epoch
+        sampled_indices, _ = model.sampling(alpha, curriculum_stage)  # drawn as forward would, first
+        loss, bce, kl = step_loss(model, data, condition, alpha, sampled_indices, kl_weight, teacher_forcing, free_bits)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -347,18 +413,23 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     return rec_sum.item() / trained, kl_sum.item() / trained, step
 
 
+def to_device(tensor, like):
+    """The tensor on the device of `like`, in a copy that the CPU does not wait for on a GPU."""
+    return (tensor.pin_memory() if like.is_cuda else tensor).to(like.device, non_blocking=True)
+
+
 @torch.inference_mode()  # as no_grad, a little cheaper: the same values and draws
 def evaluate(model, images, alpha, batch_size=1000):
     """Test loss per image: BCE + KL, the negative ELBO (unweighted, so that epochs compare)."""
     model.eval()
-    # summed on the device in float64, as Python's float summed the batches' values, and read once
-    total = torch.zeros((), dtype=torch.float64, device=images.device)
+    losses = []
     for batch in images.split(batch_size):
         data, condition = split_image(batch)
         reconstruction, mu, logvar = model(data, condition, alpha)
         bce, kl = loss_terms(reconstruction, data, mu, logvar)
-        total += (bce + kl).double()
-    return total.item() / len(images)
+        losses.append(bce + kl)
+    # read once, then summed as Python floats (float64, in order): MPS has no float64
+    return sum(torch.stack(losses).tolist()) / len(images)
 
 
 @torch.inference_mode()
@@ -373,8 +444,9 @@ def save_reconstructions(model, images, alpha, path):
 def restore_training_state(checkpoint, optimizer, lr, device):
     """Optimizer and RNG state, so that a resumed run draws what the uninterrupted one would. The
     CPU generator (the shuffle; the Sampling and z on a CPU) is always restored; the CUDA generator
-    of the GPU the run used (the Sampling and z on a GPU) onto the GPU it resumes on. Between a CPU
-    and a GPU one line says that the draws from here on differ from an uninterrupted run's."""
+    of the GPU the run used (the Sampling and z on a GPU) onto the GPU it resumes on, and MPS's onto
+    MPS. Between kinds of device one line says that the draws from here on differ from an
+    uninterrupted run's."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     for group in optimizer.param_groups:
         group["lr"] = lr  # the checkpoint's unless --lr was given (resolve_run_flags)
@@ -389,6 +461,8 @@ def restore_training_state(checkpoint, optimizer, lr, device):
         torch.cuda.set_rng_state(state.cpu(), device)
         if trained_on != str(device):
             print(f"note: the run trained on {trained_on}; its CUDA generator continues on {device}")
+    elif trained_on.startswith("mps") and device.type == "mps" and "mps" in checkpoint["rng"]:
+        torch.mps.set_rng_state(checkpoint["rng"]["mps"].cpu())
     elif trained_on != "cpu" or device.type != "cpu":
         print(f"note: the run trained on {trained_on} and resumes on {device}: the CPU generator's state is "
               f"restored, but the Sampling and z now draw from {device}'s, so the draws from here on differ from an "

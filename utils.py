@@ -14,11 +14,14 @@ import os
 import random
 import re
 import secrets
+import shlex
 import signal
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
+import time
 import warnings
 import zlib
 from dataclasses import asdict
@@ -30,6 +33,7 @@ from torch import nn
 
 from model import MixAndMatchCVAE, ModelConfig
 
+WINDOWS = os.name == "nt"  # where a lock's process, a held file and a command line are handled otherwise
 SPLIT = 500  # pixels 0..499 are the data to complete, 500..783 the condition (the digit's bottom)
 TUTORIAL_ALPHA = 64  # alpha used with the tutorial's plain state_dict, which does not store one
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -248,29 +252,34 @@ def positive_float(text):
 
 
 def get_device(name):
-    """'auto' picks CUDA when available; otherwise 'cpu', 'cuda' or 'cuda:N', checked here so that
-    a typo ends in one line before any work."""
+    """'auto' picks CUDA where available, else Apple's MPS, else the CPU; otherwise 'cpu', 'cuda',
+    'cuda:N' or 'mps', checked here so that a typo ends in one line before any work."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):  # torch's message lists every backend it was built with
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device {name!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} asked for CUDA, which is not available here; "
                          f"use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA "
                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {name} asked for Apple's MPS, which is not available here (it needs a Mac "
+                         f"with Apple silicon and macOS 12.3 or later); use --device cpu or auto")
     return device
 
 
 def add_device_flags(parser):
     """--device, and the numerics on it, for train.py and sample.py."""
     parser.add_argument("--device", default="auto",
-                        help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)")
+                        help="auto (CUDA where available, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or "
+                             "mps (default: auto)")
     parser.add_argument("--tf32", action="store_true",
                         help="on a GPU, let cuDNN (the recurrent decoder's GRU, the digit classifier's convolutions) "
                              "and matrix products compute in TensorFloat-32: faster, with 10 of float32's 23 mantissa "
@@ -295,11 +304,8 @@ def set_numerics(tf32=False, deterministic=False):
     documented as such) for deterministic ones; CUBLAS_WORKSPACE_CONFIG is set before cuBLAS starts."""
     precision = "tf32" if tf32 else "ieee"
     cudnn = torch.backends.cudnn
-    if hasattr(getattr(cudnn, "rnn", None), "fp32_precision"):  # the settings of torch 2.9 on
-        cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = precision
-        torch.backends.cuda.matmul.fp32_precision = precision
-    else:
-        cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = precision
+    torch.backends.cuda.matmul.fp32_precision = precision
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -396,6 +402,8 @@ def save_checkpoint(path, model, optimizer, alpha, epoch, step, args, curriculum
                 else None},
         "args": vars(args),
     }
+    if device.type == "mps":  # a Mac's GPU has a generator of its own
+        checkpoint["rng"]["mps"] = torch.mps.get_rng_state()
     atomic_save(checkpoint, path)
 
 
@@ -419,7 +427,7 @@ def atomic_write(path, write):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave it empty
-            os.replace(tmp, path)
+            replace(tmp, path)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
@@ -429,6 +437,29 @@ def atomic_write(path, write):
             if cause is not None:
                 raise OSError(cause.errno, cause.strerror, path) from e
             raise
+
+
+def replace(tmp, path, tries=20, wait_s=0.25):
+    """os.replace(tmp, path). On Windows a file another program holds open (an image viewer showing
+    results/curves.png) cannot be replaced: there it is tried again for a few seconds, then refused
+    with an OSError that says so."""
+    for attempt in range(tries):
+        try:
+            return os.replace(tmp, path)
+        except PermissionError as e:
+            if not WINDOWS:
+                raise
+            if attempt == tries - 1:
+                raise PermissionError(e.errno, f"another program holds it open, so it cannot be replaced (tried for "
+                                               f"{tries * wait_s:g} s); close it (an image viewer, an editor)",
+                                      path) from e
+            time.sleep(wait_s)
+
+
+def shell_command(words):
+    """A command line to paste into this system's shell: quoted for cmd.exe on Windows (which keeps
+    single quotes), for a POSIX shell elsewhere."""
+    return subprocess.list2cmdline(words) if WINDOWS else shlex.join(words)
 
 
 @contextlib.contextmanager
@@ -502,13 +533,38 @@ def lock_holder(path):
     host, pid = words
     if host != socket.gethostname():  # not this machine's to keep
         return None
+    return f"process {pid} on {host}" if process_alive(int(pid)) else None
+
+
+def process_alive(pid):
+    """Whether the process `pid` of this machine is running. Signal 0 only asks, on POSIX; on
+    Windows os.kill(pid, 0) sends Ctrl-C (0 is CTRL_C_EVENT there), so the system's process API is
+    asked instead."""
+    if WINDOWS:
+        return windows_process_alive(pid)
     try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:  # another user's process
         pass
-    return f"process {pid} on {host}"
+    return True
+
+
+def windows_process_alive(pid):
+    """OpenProcess, then GetExitCodeProcess: STILL_ACTIVE while it runs. A process of another user
+    cannot be opened (access denied) and runs; an id no process has cannot (invalid parameter)."""
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def newest_checkpoint(checkpoint_dir):
@@ -780,7 +836,7 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128, 
     def load(cached):  # into a new one: a cache of other layers fails part-way, and retraining starts afresh
         if cached.get("seed") != CLASSIFIER_SEED:  # older code drew the initial weights from the caller's RNG
             raise KeyError("seed")
-        with torch.random.fork_rng(devices=forked_devices(device)):  # its initial weights are overwritten
+        with fork_generators(device):  # its initial weights are overwritten
             loaded = digit_classifier().to(device)
         loaded.load_state_dict(cached["model"])
         return loaded.eval()
@@ -791,7 +847,7 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128, 
         return cached
     print(f"training the digit classifier once ({epochs} epochs), cached at {path}", flush=True)
     train_images, train_labels = load_mnist(data_root, train=True, device=device)
-    with torch.random.fork_rng(devices=forked_devices(device)):  # the CPU's generator and the device's
+    with fork_generators(device):  # the CPU's generator and the device's
         torch.manual_seed(CLASSIFIER_SEED)
         classifier = digit_classifier().to(device)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
@@ -808,10 +864,20 @@ def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128, 
     return classifier.eval()
 
 
-def forked_devices(device):
-    """The CUDA devices whose generators work on `device` draws from, for fork_rng (which forks the
-    CPU's always, and by default every GPU's, with a warning where there are several)."""
+def fork_generators(device):
+    """torch.random.fork_rng of the CPU's generator and of the one that work on `device` draws from
+    (a GPU's, or Apple's MPS's), and no other: fork_rng alone forks every GPU's, with a warning
+    where there are several."""
     device = torch.device(device)
+    return torch.random.fork_rng(devices=forked_devices(device), device_type="mps" if device.type == "mps" else "cuda")
+
+
+def forked_devices(device):
+    """The devices of `device`'s type whose generators work on `device` draws from: one GPU, MPS's
+    one, or none (the CPU's is always forked)."""
+    device = torch.device(device)
+    if device.type == "mps":
+        return [0]
     if device.type != "cuda":
         return []
     return [torch.cuda.current_device() if device.index is None else device.index]
@@ -895,8 +961,9 @@ def manifold_measures(real, fake):
 
 def frechet_distance(a, b):
     """Fréchet distance between Gaussians fitted to the points a and b (P, F) (FID, Heusel et al.
-    2017, here in the digit classifier's features), in float64."""
-    a, b = a.double(), b.double()
+    2017, here in the digit classifier's features), in float64 on the CPU: MPS has neither float64
+    nor eigh, and the matrices are only features x features."""
+    a, b = a.cpu().double(), b.cpu().double()
     return gaussian_frechet_distance(a.mean(0), covariance(a), b.mean(0), covariance(b))
 
 

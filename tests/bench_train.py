@@ -46,6 +46,8 @@ Notes for whoever optimises this next (2 CPU cores; README, Speed, has the summa
 import argparse
 import contextlib
 import io
+import itertools
+import json
 import os
 import resource
 import statistics
@@ -64,7 +66,7 @@ from torchvision import transforms
 import train
 from model import FRAME, MixAndMatchCVAE, ModelConfig
 from sample import completion_grid
-from train import anneal_weight, train_epoch
+from train import anneal_weight, batch_loss, compiled_batch_loss, teacher_forcing_probability, train_epoch
 from utils import get_device, kl_divergence, load_mnist, mnist_dataset, split_image
 
 
@@ -151,10 +153,11 @@ def timed(device, fn, *args):
     return time.perf_counter() - t0
 
 
-def whole_run(data_root, device, epochs):
-    """train.py's main() for `epochs` epochs, in a temporary folder, with its train_epoch timed.
-    Returns seconds per epoch: the wall time from the first epoch's start to main()'s end (so
-    evaluation, figures and checkpoints included, data loading not), and the loop's own."""
+def whole_run(data_root, device, epochs, flags=()):
+    """train.py's main() for `epochs` epochs with `flags`, in a temporary folder, with its
+    train_epoch timed. Returns seconds per epoch: the wall time from the first epoch's start to
+    main()'s end (so evaluation, figures and checkpoints included, data loading and --compile's
+    compiling not), and the loop's own; and the run's history."""
     loop, starts = [], []
 
     def timed_train_epoch(*args):
@@ -166,12 +169,39 @@ def whole_run(data_root, device, epochs):
 
     with tempfile.TemporaryDirectory() as folder:
         argv = ["train.py", "--data-root", data_root, "--device", str(device), "--epochs", str(epochs),
-                "--checkpoint-dir", f"{folder}/checkpoint", "--results-dir", f"{folder}/results"]
+                "--checkpoint-dir", f"{folder}/checkpoint", "--results-dir", f"{folder}/results", *flags]
         with mock.patch.object(train, "train_epoch", timed_train_epoch), mock.patch.object(sys, "argv", argv), \
                 contextlib.redirect_stdout(io.StringIO()):
             train.main()
         end = time.perf_counter()
-    return (end - starts[0]) / epochs, sum(loop) / epochs
+        with open(f"{folder}/results/history.json", encoding="utf-8") as f:
+            history = json.load(f)
+    return (end - starts[0]) / epochs, sum(loop) / epochs, history
+
+
+def compiled_against_eager(data_root, device, epochs):
+    """The default run, seed 0, eager and with --compile, side by side: seconds per epoch, and the
+    compiled run's numbers judged against the eager run's as --verify judges a run trained on
+    another machine (tests/reproduce_results.py: in seed sds of the MLP family's records, the
+    first epochs' root mean square against its limit, each number against its own)."""
+    from reproduce_results import HISTORY_LIMIT, RECORDS, judge, numbers, read_records, seed_spreads
+
+    runs = {name: whole_run(data_root, device, epochs, flags) for name, flags in (("eager", []),
+                                                                                  ("compiled", ["--compile"]))}
+    for name, (run_s, loop_s, history) in runs.items():
+        print(f"train.py, {epochs} epochs, {name}: {run_s:.2f} s per epoch, of which the training loop {loop_s:.2f} s; "
+              f"last test loss {history[-1]['test_loss']:.2f}, train KL {history[-1]['train_kl']:.2f}", flush=True)
+    eager, compiled = ({"run": name, "history": runs[name][2], "measurements": {}} for name in runs)
+    spread = seed_spreads("mix-and-match-seed0", read_records(RECORDS))
+    verdict = judge(numbers(eager), numbers(compiled), spread)
+    last = f"epoch {epochs}"
+    far = {key: abs(compiled["history"][-1][key] - eager["history"][-1][key]) / spread[f"{last} {key}"]
+           for key in ("test_loss", "train_kl")}
+    print(f"the compiled run against the eager one, in seed sds of the records: its first epochs "
+          f"{verdict['history']:.2f} (--verify's limit {HISTORY_LIMIT}), each number at most {verdict['worst']:.2f} "
+          f"(the limit {verdict['limit']:.2f} for {verdict['judged']}), the last test loss {far['test_loss']:.2f}, "
+          f"the last train KL {far['train_kl']:.2f}: "
+          + ("within --verify's criterion" if verdict["agrees"] else "outside --verify's criterion"))
 
 
 def decoder_seconds(images, device, epochs, batch_size, alpha):
@@ -197,6 +227,48 @@ def decoder_seconds(images, device, epochs, batch_size, alpha):
         if epoch > 0:
             times["its GRU's matmuls alone"].append(t)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compile_seconds(images, device, epochs, batch_size, alpha, modes):
+    """{variant: {mode: (compile seconds, train_epoch seconds per epoch)}} for each decoder variant,
+    eager and with train.py --compile in each mode: the compile as train.py does it before its
+    first epoch (compiled_batch_loss, every case the variant meets), then epochs interleaved across
+    variants and modes, the median after one warm-up."""
+    torch._dynamo.config.cache_size_limit = 64  # one process compiles every variant in every mode
+    variants = {"mlp": ("mlp", 0), "autoregressive": ("autoregressive", 0),
+                "recurrent, teacher-forced": ("recurrent", 0), "recurrent, schedule at 0.5": ("recurrent", 2)}
+    runs, seconds = {}, {}
+    for (name, (decoder, teacher_forcing_epochs)), mode in itertools.product(variants.items(), ["eager", *modes]):
+        torch.manual_seed(0)
+        model = MixAndMatchCVAE(ModelConfig(decoder=decoder)).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+        # the schedule's epoch 2 of 2: a teacher-forcing probability of 0.5
+        args = argparse.Namespace(batch_size=batch_size, alpha=alpha, free_bits=0.0, decoder=decoder,
+                                  teacher_forcing_epochs=teacher_forcing_epochs, epochs=max(1, teacher_forcing_epochs))
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                step_loss = batch_loss if mode == "eager" else compiled_batch_loss(model, images, args, args.epochs,
+                                                                                    mode)
+        except SystemExit as e:  # this platform cannot compile: the line says why
+            print(f"{name}, {mode}: {e}", flush=True)
+            continue
+        compile_s = time.perf_counter() - t0
+        teacher_forcing = teacher_forcing_probability(args.epochs, teacher_forcing_epochs)
+        runs[name, mode] = (model, optimizer, teacher_forcing, step_loss)
+        seconds[name, mode] = (compile_s, [])
+    for epoch in range(epochs + 1):
+        for (name, mode), (model, optimizer, teacher_forcing, step_loss) in list(runs.items()):
+            try:
+                t = timed(device, train_epoch, model, optimizer, images, batch_size, alpha,
+                          epoch * len(images) // batch_size, None, teacher_forcing, 0.0, step_loss)
+            except Exception as e:  # noqa: BLE001 (a mode that compiles but fails to run, say CUDA graphs: shown)
+                print(f"{name}, {mode}: failed in training ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                del runs[name, mode], seconds[name, mode]
+                continue
+            if epoch > 0:
+                seconds[name, mode][1].append(t)
+    return {(name, mode): (compile_s, statistics.median(times)) for (name, mode), (compile_s, times) in seconds.items()}
 
 
 class FreeGRU(torch.nn.Module):
@@ -238,12 +310,20 @@ def main():
     parser.add_argument("--device", default="auto", help="(default: auto)")
     parser.add_argument("--decoders-only", action="store_true",
                         help="time an epoch of each decoder against the MLP's, and nothing else")
+    parser.add_argument("--compile", action="store_true",
+                        help="time train.py --compile against eager for each decoder (with CUDA graphs too on a "
+                             "GPU), then the default run both ways for --run-epochs, its numbers judged as "
+                             "--verify judges; nothing else")
     args = parser.parse_args()
     device = get_device(args.device)
     batch_size, lr, alpha = 128, 1e-4, 64
 
     torch.manual_seed(0)
     images, _ = load_mnist(args.data_root, train=True, device=device)
+    if args.compile:
+        print_compile_table(images, device, args.epochs, batch_size, alpha)
+        compiled_against_eager(args.data_root, device, args.run_epochs)
+        return
     decoders = decoder_seconds(images, device, args.epochs, batch_size, alpha)
     print(f"train_epoch per decoder, median of {args.epochs} epochs after 1 warm-up, {torch.get_num_threads()} torch "
           f"threads:\n" + "\n".join(f"{name:<32} {seconds:8.2f} s/epoch  {seconds / decoders['mlp']:.2f}x the mlp's"
@@ -280,7 +360,7 @@ def main():
     framework_s = len(loader) * framework_seconds_per_step(device, images, alpha)
     matmul_s = flops * len(images) / (peak * 1e9)
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    run_s, run_loop_s = whole_run(args.data_root, device, args.run_epochs)
+    run_s, run_loop_s, _ = whole_run(args.data_root, device, args.run_epochs)
     threads = torch.get_num_threads()
     print(f"device {device}, {os.cpu_count()} CPU cores, {threads} torch threads, torch {torch.__version__}")
     print(f"median of {args.epochs} epochs after 1 warm-up, batch {batch_size}, {len(images)} images per epoch")
@@ -298,6 +378,20 @@ def main():
           f"{run_loop_s:.2f} s: {100 * (run_s / run_loop_s - 1):.1f}% outside it (evaluation, figures, checkpoint)")
     print(f"sample.py grid (20 x 18 completions): {1000 * sample_s:.1f} ms")
     print(f"peak RSS of this process (both pipelines): {rss_mib:.0f} MiB")
+
+
+def print_compile_table(images, device, epochs, batch_size, alpha, run_epochs=50):
+    modes = ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]
+    seconds = compile_seconds(images, device, epochs, batch_size, alpha, modes)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; train_epoch, median of "
+          f"{epochs} epochs after 1 warm-up; a {run_epochs}-epoch run's speed-up counts the compile once")
+    print(f"{'decoder':<28} {'mode':<16} {'compile s':>9} {'s/epoch':>8} {'per epoch':>9} {f'{run_epochs} epochs':>9}")
+    for (variant, mode), (compile_s, epoch_s) in seconds.items():
+        eager_s = seconds[variant, "eager"][1]
+        compiled = mode != "eager"
+        print(f"{variant:<28} {mode:<16} {compile_s if compiled else 0:9.1f} {epoch_s:8.3f} {eager_s / epoch_s:8.2f}x "
+              f"{run_epochs * eager_s / (run_epochs * epoch_s + (compile_s if compiled else 0)):8.2f}x", flush=True)
 
 
 if __name__ == "__main__":

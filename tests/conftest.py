@@ -42,12 +42,12 @@ def mnist_root(tmp_path_factory):
     return str(root)
 
 
-def run_script(script, *args, cwd, check=True):
+def run_script(script, *args, cwd, check=True, env=None):
     """Run one of our scripts in a fresh process on the CPU, as a user would (a torch import each:
-    in_process below does the rest). Returns the CompletedProcess."""
+    in_process below does the rest), with `env` added to the environment. Returns the CompletedProcess."""
     command = [sys.executable, os.path.join(REPO, script), *map(str, args)]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})})
     if check:
         assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
     return result
@@ -112,7 +112,7 @@ def train_resume_and_measure(in_process, cwd, mnist_root, model_flags, epochs):
     result = in_process("sample.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint",
                         f"straight/mix_match_{epochs:02d}.pth", "--out", "grid.png", "--metrics", "--n-eval", 30,
                         "--n-samples", 4, "--n-importance", 4, "--json", "m.json", cwd=cwd, check=True)
-    return resumed_run, straight, resumed, result, json.loads((cwd / "m.json").read_text())["metrics"]
+    return resumed_run, straight, resumed, result, json.loads((cwd / "m.json").read_text(encoding="utf-8"))["metrics"]
 
 
 @pytest.fixture

@@ -1,29 +1,37 @@
 """
-What README promises on a GPU, checked once by a maintainer who has one (not a test):
+What README promises on a GPU, checked and measured once by a maintainer who has one (not a test):
 
-    python3 tests/gpu_check.py --data-root ../shared/data
+    python3 tests/gpu_check.py --data-root ../shared/data [--out DIR]
 
+First what is timed, one thing at a time:
 1. No synchronisation inside a training step: a few hundred steps of each decoder on CUDA under
    torch.cuda.set_sync_debug_mode("warn"), counting the synchronising calls beyond the epoch's
    end (its two losses read once); the count per step must be 0.
-2. The seconds of an epoch of each decoder on CUDA, beside the CPU's.
-3. sample.py --metrics on CUDA from the shipped checkpoint: it runs (its draws differ from a CPU's).
-4. --deterministic: a seeded run of each decoder repeats bit for bit, and a run resumed after its
+2. The seconds of an epoch of each decoder on CUDA, beside this machine's CPU.
+3. The default `train.py` for its 50 epochs on CUDA: the median epoch and the last test loss.
+4. `sample.py --metrics` on CUDA from the shipped checkpoint: its seconds, and its JSON in --out
+   (its draws differ from a CPU's, so its numbers are close to the CPU's, not equal).
+Then, in parallel processes (nothing timed):
+5. --deterministic: a seeded run of each decoder repeats bit for bit, and a run resumed after its
    first epoch ends where the uninterrupted one does (README's promise). Without the flag, whether
    a repeat is equal is shown, not required.
+6. The default 50-epoch run twice with --deterministic: bit for bit?
 
-It prints one table and exits 1 when a promise fails, 2 where there is no GPU.
+It prints its tables and exits 1 when a promise fails, 2 where there is no GPU. `tests/bench_train.py
+--compile --device cuda` times eager against compiled training there.
 """
 import argparse
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
 import torch
 
@@ -31,44 +39,68 @@ from model import MixAndMatchCVAE, ModelConfig
 from train import train_epoch
 from utils import load_mnist, set_numerics
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 DECODERS = {"mlp": [], "autoregressive": ["--decoder", "autoregressive"],
             "recurrent": ["--decoder", "recurrent", "--teacher-forcing-epochs", "2"]}
 END_OF_EPOCH_SYNCS = 2  # train_epoch reads its two losses once, after the last step
+EPOCH_LINE = re.compile(r"epoch +\d+ \|.*\| test loss +([\d.]+) \| +([\d.]+) s")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per decoder for check 1 (default: 200)")
+    parser.add_argument("--out", default=None, help="folder for sample.py's metrics JSON (default: none kept)")
+    parser.add_argument("--workers", type=int, default=6, help="parallel runs of checks 5 and 6 (default: 6)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no GPU here (torch.cuda.is_available() is False): nothing to check; run this on a machine with CUDA")
         sys.exit(2)
     set_numerics()  # float32, as train.py and sample.py have it
-    rows, failed = [], []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}; CPU: "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads", flush=True)
+    rows, failed = {}, []
     cpu_images = load_mnist(args.data_root, train=True, device=torch.device("cpu"))[0]
     gpu_images = cpu_images.to("cuda")
-    for name, flags in DECODERS.items():
+    for name in DECODERS:
         config = ModelConfig(decoder=name)
         syncs, steps = count_syncs(config, gpu_images[:128 * args.steps])
         gpu, cpu = (epoch_seconds(config, images) for images in (gpu_images, cpu_images))
-        repeats, resumes = deterministic_runs(args.data_root, flags, ["--deterministic"])
-        plain_repeats, _ = deterministic_runs(args.data_root, flags, [], resume=False)
-        rows.append((name, f"{syncs / steps:.2f}", f"{gpu:.2f}", f"{cpu:.2f}", yes(repeats), yes(resumes),
-                     yes(plain_repeats)))
-        failed += [f"{name}: {what}" for what, ok in [("synchronises inside a step", syncs == 0),
-                                                       ("--deterministic does not repeat", repeats),
-                                                       ("--deterministic --resume does not continue", resumes)]
-                   if not ok]
-    metrics_seconds, metrics_ok = sample_metrics(args.data_root)
-    failed += [] if metrics_ok else ["sample.py --metrics failed on CUDA"]
+        rows[name] = [f"{syncs / steps:.2f}", f"{gpu:.2f}", f"{cpu:.2f}"]
+        print(f"{name}: {rows[name]}", flush=True)
+        failed += [] if syncs == 0 else [f"{name}: synchronises inside a step"]
+    with tempfile.TemporaryDirectory() as scratch:
+        epochs, seconds = default_run(args.data_root, os.path.join(scratch, "default"), [])
+        print(f"train.py (the default, 50 epochs) on CUDA: median epoch {statistics.median(seconds):.2f} s, "
+              f"first {seconds[0]:.2f} s, last test loss {epochs[-1]:.2f}", flush=True)
+        metrics_seconds, metrics_ok = sample_metrics(args.data_root, args.out or scratch, scratch)
+        print(f"sample.py --metrics on CUDA: {'ran' if metrics_ok else 'FAILED'} in {metrics_seconds:.0f} s",
+              flush=True)
+        failed += [] if metrics_ok else ["sample.py --metrics failed on CUDA"]
+        with ThreadPoolExecutor(args.workers) as pool:  # subprocesses: the threads only wait
+            repeats = {name: pool.submit(deterministic_runs, args.data_root, flags, ["--deterministic"])
+                       for name, flags in DECODERS.items()}
+            plain = {name: pool.submit(deterministic_runs, args.data_root, flags, [], False)
+                     for name, flags in DECODERS.items()}
+            long_runs = [pool.submit(default_run, args.data_root, os.path.join(scratch, f"det{i}"),
+                                     ["--deterministic"]) for i in range(2)]
+            for name in DECODERS:
+                (same, resumed), (plain_same, _) = repeats[name].result(), plain[name].result()
+                rows[name] += [yes(same), yes(resumed), yes(plain_same)]
+                failed += [f"{name}: {what}" for what, ok in [("--deterministic does not repeat", same),
+                                                               ("--deterministic --resume does not continue", resumed)]
+                           if not ok]
+            for run in long_runs:
+                run.result()
+        first, second = (weights(os.path.join(scratch, f"det{i}"), 50) for i in range(2))
+        long_repeat = all(torch.equal(first[k], second[k]) for k in first)
     header = ("decoder", "syncs/step", "GPU s/epoch", "CPU s/epoch", "repeats", "resume exact", "repeats w/o flag")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; CPU: {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads")
     print(" | ".join(header))
-    for row in rows:
-        print(" | ".join(f"{cell:>{len(title)}}" for cell, title in zip(row, header)))
-    print(f"sample.py --metrics on CUDA: {'ran' if metrics_ok else 'FAILED'} in {metrics_seconds:.0f} s")
+    for name, row in rows.items():
+        print(" | ".join(f"{cell:>{len(title)}}" for cell, title in zip([name, *row], header)))
+    print(f"the default 50-epoch run twice with --deterministic: {'bit for bit' if long_repeat else 'DIFFERENT'}")
+    failed += [] if long_repeat else ["the default run with --deterministic does not repeat"]
     if failed:
         print("promises that fail: " + "; ".join(failed))
         sys.exit(1)
@@ -84,7 +116,9 @@ def count_syncs(config, images):
     torch.manual_seed(0)
     model = MixAndMatchCVAE(config).to("cuda")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    train_epoch(model, optimizer, images[:256], 128, 64, 0)  # warm-up: the first call's allocations and handles
+    # warm-up, an epoch of the same size: the first call's handles, and the pinned host memory of the
+    # epoch's copies (its first allocation of a size may wait, once; a run's later epochs reuse it)
+    train_epoch(model, optimizer, images, 128, 64, 0, None, 0.5)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -93,8 +127,11 @@ def count_syncs(config, images):
             train_epoch(model, optimizer, images, 128, 64, 0, None, 0.5)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
-    return syncs - END_OF_EPOCH_SYNCS, len(images) // 128
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    if len(syncs) > END_OF_EPOCH_SYNCS:  # which call, for whoever looks into it
+        print(f"{config.decoder}: {len(syncs)} synchronising calls, the first: {syncs[0].filename}:{syncs[0].lineno} "
+              f"{str(syncs[0].message).splitlines()[0]}")
+    return len(syncs) - END_OF_EPOCH_SYNCS, len(images) // 128
 
 
 def epoch_seconds(config, images):
@@ -108,9 +145,14 @@ def epoch_seconds(config, images):
 
 
 def train(data_root, folder, flags, epochs, *extra):
-    subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data-root", data_root, "--device", "cuda",
-                    "--checkpoint-dir", os.path.join(folder, "ck"), "--results-dir", os.path.join(folder, "res"),
-                    "--epochs", str(epochs), *flags, *extra], check=True, capture_output=True)
+    """train.py on CUDA into folder/ck and folder/res; returns its stdout."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data-root", data_root, "--device",
+                           "cuda", "--checkpoint-dir", os.path.join(folder, "ck"), "--results-dir",
+                           os.path.join(folder, "res"), "--epochs", str(epochs), *flags, *extra],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def weights(folder, epochs):
     return torch.load(os.path.join(folder, "ck", f"mix_match_{epochs:02d}.pth"), map_location="cpu",
                       weights_only=True)["model"]
 
@@ -118,25 +160,36 @@ def train(data_root, folder, flags, epochs, *extra):
 def deterministic_runs(data_root, flags, determinism, resume=True):
     """(does a seeded 2-epoch run repeat bit for bit, does a run resumed after epoch 1 end there)."""
     with tempfile.TemporaryDirectory() as scratch:
-        first, second = (train(data_root, os.path.join(scratch, name), [*flags, *determinism], 2)
-                         for name in ("a", "b"))
+        for name in ("a", "b"):
+            train(data_root, os.path.join(scratch, name), [*flags, *determinism], 2)
+        first, second = (weights(os.path.join(scratch, name), 2) for name in ("a", "b"))
         repeats = all(torch.equal(first[k], second[k]) for k in first)
         if not resume:
             return repeats, None
         train(data_root, os.path.join(scratch, "c"), [*flags, *determinism], 1)
-        resumed = train(data_root, os.path.join(scratch, "d"), determinism, 2, "--resume",
-                        os.path.join(scratch, "c", "ck", "mix_match_01.pth"))
+        train(data_root, os.path.join(scratch, "d"), determinism, 2, "--resume",
+              os.path.join(scratch, "c", "ck", "mix_match_01.pth"))
+        resumed = weights(os.path.join(scratch, "d"), 2)
         return repeats, all(torch.equal(first[k], resumed[k]) for k in first)
 
 
-def sample_metrics(data_root):
-    with tempfile.TemporaryDirectory() as scratch:
-        t0 = time.time()
-        result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--data-root", data_root, "--device",
-                                 "cuda", "--checkpoint", os.path.join(REPO, "checkpoint", "mix_match_50.pth"),
-                                 "--metrics", "--out", os.path.join(scratch, "g.png"), "--cache-dir", scratch],
-                                capture_output=True, text=True, check=False)
-        return time.time() - t0, result.returncode == 0
+def default_run(data_root, folder, flags):
+    """The default 50 epochs on CUDA: (test loss per epoch, seconds per epoch) as train.py prints them."""
+    lines = EPOCH_LINE.findall(train(data_root, folder, flags, 50))
+    return [float(loss) for loss, _ in lines], [float(seconds) for _, seconds in lines]
+
+
+def sample_metrics(data_root, out, cache):
+    """sample.py --metrics on CUDA from the shipped checkpoint: (seconds, ran), its grid and JSON in out/."""
+    t0 = time.time()
+    result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--data-root", data_root, "--device",
+                             "cuda", "--checkpoint", os.path.join(REPO, "checkpoint", "mix_match_50.pth"),
+                             "--metrics", "--out", os.path.join(out, "sampled_cuda.png"), "--cache-dir", cache,
+                             "--json", os.path.join(out, "metrics_cuda.json")],
+                            capture_output=True, text=True, check=False)
+    seconds = time.time() - t0
+    print(result.stdout[-3000:] if result.returncode == 0 else result.stderr[-2000:])
+    return seconds, result.returncode == 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ The recorder also counts what makes the CPU wait for the GPU on CUDA without mix
 tensor, 0-dim scalars included, fed to an op on the device or copied there, and a Python number
 assigned through indexing (`t[i] = True`: on CUDA, torch makes the number a CPU tensor and
 index_put_ copies it over). A training step, an
-evaluation and a sampling call must make none, so that CUDA queues their work without waiting."""
+evaluation and a sampling call must make none, so that CUDA queues their work without waiting.
+And it records every float64 tensor on the device: Apple's MPS has no float64."""
 import contextlib
 import os
 
@@ -29,6 +30,7 @@ from utils import (
     digit_classifier,
     forked_devices,
     frechet_distance,
+    get_device,
     load_or_train_classifier,
     manifold_measures,
     multimodal_distances,
@@ -38,6 +40,7 @@ from utils import (
 
 META = torch.device("meta")
 ITEM = ("aten._local_scalar_dense.default", "aten.item.default")  # .item(), as no_grad and inference_mode dispatch it
+TO_CPU = ("aten._to_copy.default", "aten.to.dtype_layout")  # .tolist() and .cpu(), likewise
 # t[i] = number: on CUDA, torch makes the number a CPU tensor, which index_put_ copies over
 INDEXED_ASSIGNMENT = (torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default)
 
@@ -47,7 +50,7 @@ class DeviceMixRecorder(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops, self.mixed, self.transfers = [], [], []
+        self.ops, self.mixed, self.transfers, self.float64 = [], [], [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -61,19 +64,27 @@ class DeviceMixRecorder(TorchDispatchMode):
         cpu_fed = {t.device.type for t in every} > {"cpu"}
         if cpu_fed or func in INDEXED_ASSIGNMENT and args[2].dim() == 0:
             self.transfers.append(str(func))
+        if any(t.dtype == torch.float64 and t.device.type != "cpu" for t in every):
+            self.float64.append(str(func))
         return result
 
 
 def record(fn, *args):
-    """Run fn(*args) under the recorder, up to the end or to the first .item() (which meta cannot run)."""
+    """Run fn(*args) under the recorder, up to the end or to its first read of a value (.item(), or
+    a copy to the CPU), which meta cannot run."""
     recorder = DeviceMixRecorder()
     try:
         with recorder:
             fn(*args)
+    except NotImplementedError as e:  # a RuntimeError: first
+        if "Cannot copy out of meta tensor" not in str(e):
+            raise
+        assert recorder.ops[-1] in TO_CPU  # ended at a copy to the CPU
     except RuntimeError as e:
         if "cannot be called on meta tensors" not in str(e):
             raise
         assert recorder.ops[-1] in ITEM  # ended at .item(), nothing else
+    assert recorder.float64 == [], fn.__name__  # MPS has none
     return recorder
 
 
@@ -91,15 +102,16 @@ def test_train_epoch_keeps_every_tensor_on_the_data_device(config, teacher_forci
     # the whole epoch ran: three batches (128, 128, 44) of forward, backward and Adam, then .item()
     assert recorder.ops.count("aten.binary_cross_entropy_backward.default") == 3
     assert recorder.ops[-1] in ITEM
-    # one copy to the device in the whole epoch: the shuffled order of its images, not one per step
-    assert recorder.transfers == ["aten._to_copy.default"]
+    # copies to the device once in the whole epoch, none per step: the shuffled order of its images,
+    # the KL weights of its steps and, on a schedule, the probability of the true row
+    assert recorder.transfers == ["aten._to_copy.default"] * (2 if teacher_forcing == 1 else 3)
 
 
 def test_evaluation_reads_its_loss_once_after_every_batch():
     model = MixAndMatchCVAE(ModelConfig()).to(META)
     recorder = record(evaluate, model, torch.empty(300, 784, device=META), 64, 100)
-    assert recorder.ops.count("aten.lerp.Tensor") == 3  # the BCE of each of the 3 batches, then one .item()
-    assert recorder.ops[-1] in ITEM and recorder.transfers == []
+    assert recorder.ops.count("aten.lerp.Tensor") == 3  # the BCE of each of the 3 batches, then one read
+    assert recorder.ops[-1] in TO_CPU and recorder.transfers == []
 
 
 @pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conditioning="concat", decoder="autoregressive"),
@@ -128,7 +140,9 @@ def test_evaluation_sampling_and_metrics_keep_every_tensor_on_the_data_device(co
 def test_fidelity_measures_and_bottom_neighbours_keep_every_tensor_on_the_data_device():
     # evaluation_metrics stops at its first .item(), before these: here on their own, to their end
     features = torch.empty(20, 128, device=META)
-    for fn, args in [(manifold_measures, (features, features)), (frechet_distance, (features, features)),
+    # the Fréchet distance computes on the CPU, in float64, which MPS has not: its first op copies there
+    assert record(frechet_distance, features, features).ops in ([op] for op in TO_CPU)
+    for fn, args in [(manifold_measures, (features, features)),
                      (bottom_neighbours, (torch.empty(7, 784, device=META), torch.empty(50, 784, device=META), 4)),
                      (multimodal_distances, (torch.empty(7, 5, 500, device=META),
                                              torch.empty(7, 3, 500, device=META), 4.5))]:
@@ -190,6 +204,32 @@ def resume_state(trained_on, cuda_state, device, monkeypatch, capsys):
     return restored, capsys.readouterr().out
 
 
+def test_resume_restores_mps_generator_on_mps(monkeypatch, capsys):
+    state = torch.arange(16, dtype=torch.uint8)
+    model = MixAndMatchCVAE(ModelConfig())
+    optimizer = torch.optim.Adam(model.parameters())
+    restored = []
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: restored.append(state))
+    checkpoint = {"optimizer": optimizer.state_dict(), "device": "mps",
+                  "rng": {"torch": torch.get_rng_state(), "cuda": None, "mps": state}}
+    restore_training_state(checkpoint, optimizer, 1e-4, torch.device("mps"))
+    assert len(restored) == 1 and torch.equal(restored[0], state) and capsys.readouterr().out == ""
+    restore_training_state(checkpoint, optimizer, 1e-4, torch.device("cpu"))  # a Mac's run resumed on a CPU
+    assert len(restored) == 1 and "trained on mps and resumes on cpu" in capsys.readouterr().out
+
+
+def test_mps_is_taken_after_cuda_and_refused_in_one_line_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert get_device("auto") == torch.device("cpu")
+    with pytest.raises(SystemExit, match=r"^error: --device mps asked for Apple's MPS, which is not available here"):
+        get_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac with Apple silicon
+    assert get_device("auto") == get_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA first, where a machine has both
+    assert get_device("auto") == torch.device("cuda")
+
+
 def test_resume_restores_the_generator_of_the_gpu_the_run_used_onto_the_one_it_resumes_on(monkeypatch, capsys):
     state = torch.arange(16, dtype=torch.uint8)
     restored, out = resume_state("cuda:1", state, "cuda:0", monkeypatch, capsys)
@@ -208,7 +248,7 @@ def test_resume_restores_the_generator_of_the_gpu_the_run_used_onto_the_one_it_r
 
 def test_the_classifier_forks_the_generators_of_its_device_only(tmp_path, mnist_root, monkeypatch):
     assert forked_devices(torch.device("cpu")) == forked_devices(META) == []
-    assert forked_devices(torch.device("cuda:2")) == [2]
+    assert forked_devices(torch.device("cuda:2")) == [2] and forked_devices(torch.device("mps")) == [0]
     forked = []
     fork_rng = torch.random.fork_rng
     monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None, **kw: forked.append(devices) or fork_rng(

@@ -1,5 +1,9 @@
 import argparse
+import ctypes
+import errno
 import math
+import os
+import socket
 
 import pytest
 import torch
@@ -7,16 +11,20 @@ import torch.nn.functional as F
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
+import utils
 from model import MixAndMatchCVAE, ModelConfig
 from utils import (
     BinaryCrossEntropySum,
+    atomic_write,
     join_image,
     kl_anneal_function,
     kl_divergence,
     load_checkpoint,
     positive_float,
     positive_int,
+    process_lock,
     save_checkpoint,
+    shell_command,
     split_image,
 )
 
@@ -106,3 +114,99 @@ def test_checkpoint_errors_are_one_clear_message(tmp_path):
     torch.save(MixAndMatchCVAE(ModelConfig(hidden_dim=64)).state_dict(), tmp_path / "other.pth")
     with pytest.raises(SystemExit, match="does not match"):
         load_checkpoint(str(tmp_path / "other.pth"), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- Windows, its system calls replaced
+
+class Kernel32:
+    """Stands in for Windows' kernel32: process ids it knows, running (exit code 259, STILL_ACTIVE) or
+    ended, and those of another user, which OpenProcess refuses with ERROR_ACCESS_DENIED."""
+
+    def __init__(self, running=(), ended=(), other_users=()):
+        self.running, self.ended, self.other_users, self.error, self.closed = running, ended, other_users, 0, 0
+
+    def OpenProcess(self, access, inherit, pid):  # noqa: N802 (the system call's name)
+        assert access == 0x1000  # PROCESS_QUERY_LIMITED_INFORMATION: enough to read an exit code
+        if pid in self.other_users:
+            self.error = 5
+        elif pid not in (*self.running, *self.ended):
+            self.error = 87  # ERROR_INVALID_PARAMETER: no such process
+        else:
+            return pid
+        return 0
+
+    def GetExitCodeProcess(self, handle, code):  # noqa: N802
+        code._obj.value = 259 if handle in self.running else 1
+        return 1
+
+    def CloseHandle(self, handle):  # noqa: N802
+        self.closed += 1
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """utils as on Windows: its kernel32 replaced, and os.kill never called (there it would send Ctrl-C)."""
+    kernel32 = Kernel32(running=(4242,), ended=(4343,), other_users=(4444,))
+    monkeypatch.setattr(utils, "WINDOWS", True)
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error: kernel32, raising=False)
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: kernel32.error, raising=False)
+    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill on Windows"))
+    return kernel32
+
+
+def test_on_windows_a_locks_process_is_asked_of_the_system_not_signalled(tmp_path, windows):
+    assert [utils.process_alive(pid) for pid in (4242, 4343, 4444, 4545)] == [True, False, True, False]
+    assert windows.closed == 2  # each handle opened is closed
+    lock, host = tmp_path / "train.lock", socket.gethostname()
+    lock.write_text(f"{host} 4343", encoding="utf-8")  # left by a run taskkill ended: taken over
+    with process_lock(str(lock)) as holder:
+        assert holder is None and lock.read_text(encoding="utf-8") == f"{host} {os.getpid()}"
+    lock.write_text(f"{host} 4242", encoding="utf-8")  # a running train.py's: held
+    with process_lock(str(lock)) as holder:
+        assert holder == f"process 4242 on {host}"
+
+
+def test_on_windows_a_file_held_open_is_retried_then_named(tmp_path, windows, monkeypatch):
+    path, tries = tmp_path / "curves.png", []
+    path.write_bytes(b"old")
+
+    def held(tmp, target):  # what Windows does while an image viewer has the file open
+        tries.append(target)
+        raise PermissionError(errno.EACCES, "Access is denied", target)
+    monkeypatch.setattr(os, "replace", held)
+    monkeypatch.setattr(utils.time, "sleep", lambda s: None)
+    with pytest.raises(PermissionError) as e:
+        atomic_write(str(path), lambda f: f.write(b"new"))
+    assert len(tries) == 20 and e.value.filename == str(path)
+    assert "another program holds it open" in e.value.strerror and "close it" in e.value.strerror
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["curves.png"]  # no .tmp left
+
+    replaced = iter([PermissionError(errno.EACCES, "Access is denied"), None])  # closed after the first try
+
+    def closed_soon(tmp, target):
+        error = next(replaced)
+        if error:
+            raise error
+        os.rename(tmp, target)
+    monkeypatch.setattr(os, "replace", closed_soon)
+    atomic_write(str(path), lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new"
+
+
+def test_a_permission_error_elsewhere_is_not_retried(tmp_path, monkeypatch):
+    tries = []
+
+    def refused(tmp, target):
+        tries.append(target)
+        raise PermissionError(errno.EACCES, "Permission denied", target)
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(PermissionError):
+        atomic_write(str(tmp_path / "x.json"), lambda f: f.write(b"{}"))
+    assert len(tries) == 1
+
+
+def test_a_command_to_paste_is_quoted_for_the_shell_of_the_system(monkeypatch):
+    words = ["python3", "train.py", "--resume", "C:\\my runs\\mix_match_03.pth"]
+    assert shell_command(words) == "python3 train.py --resume 'C:\\my runs\\mix_match_03.pth'"
+    monkeypatch.setattr(utils, "WINDOWS", True)  # cmd.exe keeps single quotes: double ones there
+    assert shell_command(words) == 'python3 train.py --resume "C:\\my runs\\mix_match_03.pth"'
