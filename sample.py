@@ -22,6 +22,7 @@ from utils import (
     classifier_log_probs,
     classifier_scores,
     completion_distances,
+    explain_os_error,
     figure_formats,
     frechet_distance,
     image_formats,
@@ -92,8 +93,7 @@ def main():
     try:
         run(parser, args)
     except OSError as e:  # a full disk, say: atomic writes leave no half-written file
-        sys.exit(f"error: {e.filename}: {e.strerror}. The files written before it are whole; free space or pass "
-                 f"another path, then run the command again.")
+        sys.exit(f"error: {explain_os_error(e)}, then run the command again; the files written before it are whole.")
     except KeyboardInterrupt:
         print("interrupted: the files written so far are whole; nothing else was changed", file=sys.stderr)
         sys.exit(130)

@@ -23,6 +23,7 @@ from utils import (
     TUTORIAL_ALPHA,
     WINDOWS,
     add_device_flags,
+    explain_os_error,
     fork_generators,
     free_bits_kl,
     join_image,
@@ -212,9 +213,9 @@ def main():
         except OSError as e:  # a full disk, or a folder removed while training; atomic writes leave no half file
             # only a figure, after the last checkpoint, failed
             if epoch == args.epochs and last_checkpoint == checkpoint_path(args, epoch):
-                stop(1, f"error: {e.filename}: {e.strerror}. Training is complete: {last_checkpoint} holds the last "
+                stop(1, f"error: {explain_os_error(e)}. Training is complete: {last_checkpoint} holds the last "
                         f"epoch, whole; only {e.filename} is missing.")
-            stop(1, f"error: {e.filename}: {e.strerror}. {how_to_continue(parser, args, last_checkpoint)}")
+            stop(1, f"error: {explain_os_error(e)}. {how_to_continue(parser, args, last_checkpoint)}")
 
 
 def checkpoint_path(args, epoch):

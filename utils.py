@@ -4,6 +4,7 @@ split, device and seed, checkpoints, figures, and the evaluation metrics of samp
 """
 import argparse
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
@@ -241,6 +242,13 @@ def seed(text):
     return value
 
 
+def given(text):
+    """argparse type: a name or a path, not an empty string (what an unset shell variable gives)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a name or a path, got an empty string (an unset shell variable?)")
+    return text
+
+
 def positive_float(text):
     try:
         value = float(text)
@@ -418,31 +426,51 @@ def atomic_write(path, write):
     each write their own .tmp, so the file is one of theirs, whole. Written through a Python file so
     that a full disk is an OSError (torch.save to a path reports it as an opaque RuntimeError of its
     zip writer)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # a name newest_checkpoint's mix_match_*.pth does not match
-    tmp = os.path.join(os.path.dirname(path), f"{secrets.token_hex(4)}.{os.path.basename(path)}.tmp")
+    write_all({path: write})
+
+
+def write_all(writes):
+    """{path: write(f)}, all or nothing: each written as atomic_write does, into a .tmp file beside
+    its path, and only once every one is whole (and no path is a folder), each renamed over its
+    path. A failure before the renames (a full disk, a folder where a file belongs, Ctrl-C) leaves
+    every path as it was and no .tmp; the OSError names the path it met."""
+    staged, path = {}, None
     with signals_deferred():
         try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave it empty
-            replace(tmp, path)
+            for path, write in writes.items():
+                if os.path.isdir(path):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                # a name of its own, which newest_checkpoint's mix_match_*.pth does not match
+                tmp = f"{secrets.token_hex(4)}.{os.path.basename(path)}.tmp"
+                staged[path] = os.path.join(os.path.dirname(path), tmp)
+                with open(staged[path], "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave it empty
+            for path in list(staged):
+                replace(staged[path], path)
+                del staged[path]  # renamed: no .tmp to remove
         except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+            for tmp in staged.values():
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
             # torch.save's zip writer turns the OSError of a full disk into a RuntimeError of its own
             # as it closes; the OSError is that exception's context
             cause = next((x for x in (e, e.__context__) if isinstance(x, OSError)), None)
             if cause is not None:
-                raise OSError(cause.errno, cause.strerror, path) from e
+                raise type(cause)(cause.errno, cause.strerror, path) from e  # a HeldOpenError stays one
             raise
+
+
+class HeldOpenError(PermissionError):
+    """A file that another program holds open, which Windows does not let us replace."""
 
 
 def replace(tmp, path, tries=20, wait_s=0.25):
     """os.replace(tmp, path). On Windows a file another program holds open (an image viewer showing
     results/curves.png) cannot be replaced: there it is tried again for a few seconds, then refused
-    with an OSError that says so."""
+    with a HeldOpenError."""
     for attempt in range(tries):
         try:
             return os.replace(tmp, path)
@@ -450,10 +478,26 @@ def replace(tmp, path, tries=20, wait_s=0.25):
             if not WINDOWS:
                 raise
             if attempt == tries - 1:
-                raise PermissionError(e.errno, f"another program holds it open, so it cannot be replaced (tried for "
-                                               f"{tries * wait_s:g} s); close it (an image viewer, an editor)",
-                                      path) from e
+                raise HeldOpenError(e.errno, f"another program holds it open (tried for {tries * wait_s:g} s)",
+                                    path) from e
             time.sleep(wait_s)
+
+
+def explain_os_error(e):
+    """An OSError met writing (or reading) a file, as the user can act on it: its path, its cause
+    and what to do, for the caller to end with what happens next. The errors a user meets are told
+    apart by their errno; any other is in the system's own words."""
+    path = e.filename or "a file"
+    if isinstance(e, HeldOpenError):
+        return f"{path}: another program holds it open, so it cannot be replaced: close it (an image viewer, an editor)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{path}: the disk is full ({e.strerror}): free space"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: cannot be written there ({e.strerror}): make it writable, or pass another path"
+    if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return (f"{path}: a folder stands where a file belongs, or a file where a folder belongs ({e.strerror}): "
+                f"move it aside, or pass another path")
+    return f"{path}: {e.strerror or e}"
 
 
 def shell_command(words):

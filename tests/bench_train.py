@@ -67,7 +67,7 @@ import train
 from model import FRAME, MixAndMatchCVAE, ModelConfig
 from sample import completion_grid
 from train import anneal_weight, batch_loss, compiled_batch_loss, teacher_forcing_probability, train_epoch
-from utils import get_device, kl_divergence, load_mnist, mnist_dataset, split_image
+from utils import get_device, given, kl_divergence, load_mnist, mnist_dataset, positive_int, split_image
 
 
 class TutorialModel(MixAndMatchCVAE):
@@ -300,10 +300,11 @@ def gru_matmuls(device, batches, batch_size, hidden_dim, frames=18):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
-    parser.add_argument("--epochs", type=int, default=2,
+    parser.add_argument("--data-root", type=given, default="./data",
+                        help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--epochs", type=positive_int, default=2,
                         help="timed epochs per pipeline, after one warm-up (default: 2)")
-    parser.add_argument("--run-epochs", type=int, default=50,
+    parser.add_argument("--run-epochs", type=positive_int, default=50,
                         help="epochs of train.py's main() for the whole-run line; the default run's 50, since "
                              "its one-off costs (importing matplotlib, the last drawing) weigh on a short run "
                              "(default: 50)")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import reproduce_documents
 import reproduce_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,3 +133,40 @@ def command(monkeypatch, capsys, mnist_root):
             code, err = 1, err + code + "\n"
         return code, out, err
     return run
+
+
+def refused(result, *messages, code=1):
+    """The script ended with `code` and one line on stderr (argparse adds its usage) holding every message."""
+    code_seen, out, err = result
+    assert code_seen == code and all(message in err for message in messages), (code_seen, out, err)
+    assert len(err.strip().splitlines()) == 1 or code == 2, err
+
+
+@pytest.fixture
+def documents(tmp_path, monkeypatch):
+    """A copy of the documents and samples/ (tables, figures) under tmp_path, the committed records'
+    tables; --tables writes there. Returns a function: {path: text} of the copy, to compare."""
+    for document in reproduce_documents.DOCUMENTS:
+        os.makedirs(tmp_path / os.path.dirname(document), exist_ok=True)
+        shutil.copyfile(os.path.join(reproduce_results.REPO, document), tmp_path / document)
+    shutil.copytree(os.path.join(reproduce_results.REPO, "samples", "tables"), tmp_path / "samples" / "tables")
+    monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setattr(reproduce_documents, "figures", dict)  # the tables are the point; figures take seconds
+
+    def texts():
+        return {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*.md")) if p.is_file()}
+    return texts
+
+
+def records_copy(tmp_path):
+    """The committed records and the runs verified again, copied: records/ and verify/ in tmp_path."""
+    shutil.copytree(reproduce_results.RECORDS, tmp_path / "r" / "records")
+    shutil.copytree(reproduce_documents.again_folder(reproduce_results.RECORDS), tmp_path / "r" / "verify")
+    return tmp_path / "r" / "records"
+
+
+def edit_record(folder, run, change):
+    path = folder / f"{run}.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    change(record)
+    path.write_text(json.dumps(record, indent=1), encoding="utf-8")

@@ -37,7 +37,7 @@ import torch
 
 from model import MixAndMatchCVAE, ModelConfig
 from train import train_epoch
-from utils import load_mnist, set_numerics
+from utils import given, load_mnist, positive_int, set_numerics, writable_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,11 +49,15 @@ EPOCH_LINE = re.compile(r"epoch +\d+ \|.*\| test loss +([\d.]+) \| +([\d.]+) s")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps per decoder for check 1 (default: 200)")
-    parser.add_argument("--out", default=None, help="folder for sample.py's metrics JSON (default: none kept)")
-    parser.add_argument("--workers", type=int, default=6, help="parallel runs of checks 5 and 6 (default: 6)")
+    parser.add_argument("--data-root", type=given, default="./data",
+                        help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--steps", type=positive_int, default=200,
+                        help="training steps per decoder for check 1 (default: 200)")
+    parser.add_argument("--out", type=given, help="folder for sample.py's grid and metrics JSON (default: none kept)")
+    parser.add_argument("--workers", type=positive_int, default=6, help="parallel runs of checks 5 and 6 (default: 6)")
     args = parser.parse_args()
+    if args.out:
+        writable_dir(args.out, "--out")
     if not torch.cuda.is_available():
         print("no GPU here (torch.cuda.is_available() is False): nothing to check; run this on a machine with CUDA")
         sys.exit(2)

@@ -52,7 +52,7 @@ from reproduce_results import (
     read_records,
     verify_trials,
 )
-from utils import atomic_write, plot_history, save_figure
+from utils import plot_history, save_figure, write_all
 
 # the documents whose tables are written from the records, between "<!-- table NAME -->" and
 # "<!-- /table -->" lines
@@ -170,9 +170,9 @@ def write_documents(records_dir, check=False):
             print(f"{path}: its tables differ from what the records give; run "
                   f"`python3 tests/reproduce_results.py --tables` and commit the result")
         return 1 if differing else 0
-    for path in differing:
-        os.makedirs(os.path.dirname(os.path.join(DOCUMENT_ROOT, path)), exist_ok=True)
-        atomic_write(os.path.join(DOCUMENT_ROOT, path), lambda f, text=written[path]: f.write(text.encode()))
+    # all or nothing: a folder where a table file belongs, a full disk, leave every document as it was
+    write_all({os.path.join(DOCUMENT_ROOT, path): lambda f, text=written[path]: f.write(text.encode())
+               for path in differing})
     for name, (section, draw) in figures().items():
         if not missing[section]:
             draw(metrics, records, os.path.join(DOCUMENT_ROOT, "samples", name))

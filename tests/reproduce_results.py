@@ -44,8 +44,10 @@ import argparse
 import contextlib
 import glob
 import json
+import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -61,6 +63,8 @@ import torch
 
 from one_side_random import SIDES
 from utils import (
+    explain_os_error,
+    given,
     mnist_dataset,
     positive_int,
     process_lock,
@@ -114,15 +118,17 @@ GRIDS = {"shipped-T1": "sampled.png", "fixed-seed0-T1": "sampled_fixed.png",
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="./data", help="folder holding MNIST/raw/ (default: ./data)")
-    parser.add_argument("--runs-dir", default=os.path.join(REPO, "results", "reproduce"),
+    parser.add_argument("--data-root", type=given, default="./data",
+                        help="folder holding MNIST/raw/ (default: ./data)")
+    parser.add_argument("--runs-dir", type=given, default=os.path.join(REPO, "results", "reproduce"),
                         help="where the runs' checkpoints and logs live (default: results/reproduce)")
-    parser.add_argument("--records-dir", default=RECORDS, help="where the records live (default: samples/records)")
+    parser.add_argument("--records-dir", type=given, default=RECORDS,
+                        help="where the records live (default: samples/records)")
     parser.add_argument("--section", choices=SECTIONS, help="reproduce one section only (default: all of them)")
     parser.add_argument("--jobs", type=positive_int, default=1, help="workers on this machine (default: 1)")
     parser.add_argument("--threads", type=positive_int,
                         help="torch threads per worker (default: the cores over --jobs, at least 1)")
-    parser.add_argument("--verify", metavar="RUN",
+    parser.add_argument("--verify", type=given, metavar="RUN",
                         help="train and measure RUN again in a scratch folder, with its record's thread count, "
                              "and compare with its record")
     parser.add_argument("--tables", action="store_true",
@@ -133,7 +139,7 @@ def main():
     cluster.add_argument("--submit", choices=("slurm", "local"),
                          help="submit the chains as one job array through submitit, to SLURM or to this machine, "
                               "wait, and write the tables (default: run them here, --jobs at a time)")
-    cluster.add_argument("--partition", help="the SLURM partition (default: the cluster's default)")
+    cluster.add_argument("--partition", type=given, help="the SLURM partition (default: the cluster's default)")
     cluster.add_argument("--time", type=positive_int, default=180,
                          help="minutes per task (default: 180; the longest chain took 68 on 1 thread of a Xeon); "
                               "a task that reaches them is requeued and resumes")
@@ -144,10 +150,10 @@ def main():
     args = parser.parse_args()
     if args.check and not args.tables:
         parser.error("--check compares the documents' tables: add --tables")
-    given = [flag for flag, value in (("--tables", args.tables), ("--verify", args.verify),
-                                      ("--section", args.section)) if value]
-    if len(given) > 1:  # each is a command of its own: one would be ignored
-        parser.error(f"{' and '.join(given)}: give one of them (--tables writes every table, --verify RUN "
+    commands = [flag for flag, value in (("--tables", args.tables), ("--verify", args.verify),
+                                         ("--section", args.section)) if value]
+    if len(commands) > 1:  # each is a command of its own: one would be ignored
+        parser.error(f"{' and '.join(commands)}: give one of them (--tables writes every table, --verify RUN "
                      f"trains one run again, --section NAME reproduces one section)")
     if args.verify and (args.threads or args.jobs != 1):
         parser.error("--verify trains with its record's thread count, on one worker: leave out --threads and --jobs")
@@ -160,6 +166,7 @@ def main():
     if not os.path.isdir(args.records_dir):  # a typo would rewrite every table as pending, or start from nothing
         sys.exit(f"error: --records-dir {args.records_dir}: no such folder; for a reproduction from no records, "
                  f"create it first (mkdir -p)")
+    sigterm = signal.signal(signal.SIGTERM, end_with_scripts)
     try:
         if args.tables:
             sys.exit(write_documents(args.records_dir, check=args.check))
@@ -170,20 +177,49 @@ def main():
                      f"{', '.join(sorted(records)) or 'none yet'}")
         if args.verify:
             verify_chain(args.verify, records)  # a continuation whose start is not recorded ends here
+            difference = plan_difference(args, records, args.verify)
+            if difference:  # a record copied under another run's name would verify the other run
+                sys.exit(f"error: the record of {args.verify} is not of the run the plan gives that name: "
+                         f"{difference}. Restore it with git checkout, or delete it to train and measure that run "
+                         f"again")
         for train in (True, False):  # a wrong --data-root ends here, not in the first of many trainings
             mnist_dataset(args.data_root, train)
         if os.path.exists(args.runs_dir) and not os.path.isdir(args.runs_dir):
             sys.exit(f"error: --runs-dir {args.runs_dir} is a file, not a folder; pass another --runs-dir")
-        writable_dir(args.runs_dir, "--runs-dir")  # not a full disk's message for a folder that cannot be written
+        # every folder it will write, the ones it derives too, before the first run: not a full disk's
+        # message, hours in, for a folder that cannot be written
+        writable_dir(args.runs_dir, "--runs-dir")
+        if args.submit:
+            derived_folder(os.path.join(args.runs_dir, "slurm"), "the tasks' logs and the list of tasks submitted")
+        if not args.verify:
+            writable_dir(args.records_dir, "--records-dir")
+            derived_folder(os.path.join(documents_root(), "samples", "tables"), "the tables the records give")
         if args.submit:
             sys.exit(submit(args))
         sys.exit(verify(args, records) if args.verify else reproduce(args))
-    except KeyboardInterrupt:  # train.py and sample.py got the Ctrl-C too, and left their files whole
-        sys.exit("interrupted: the runs and measurements finished so far are kept; run the same command again to "
-                 "continue (an interrupted training resumes from its last checkpoint)")
+    except KeyboardInterrupt as e:  # the scripts got the Ctrl-C or the SIGTERM too, and left their files whole
+        message = ("interrupted: the runs and measurements finished so far are kept; run the same command again to "
+                   "continue (an interrupted training resumes from its last checkpoint)")
+        if e.args == (signal.SIGTERM,):  # as a shell reports a process ended by it
+            print(message, file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+        sys.exit(message)
     except OSError as e:  # a full disk while writing a log, a record or a table
-        sys.exit(f"error: {e.filename}: {e.strerror}. The finished runs are kept; free space, then run the same "
-                 f"command again to continue.")
+        sys.exit(f"error: {explain_os_error(e)}, then run the same command again to continue; the finished runs are "
+                 f"kept.")
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)  # as it was: a test may call main() in its own process
+
+
+def derived_folder(path, what):
+    """A folder the command derives from a flag and will write (made if missing), tried before any
+    work; else one line that names it and its cause, and the command ends."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        sys.exit(f"error: {explain_os_error(OSError(e.errno, e.strerror, path))}; it is where {what} go")
 
 
 def submit(args):
@@ -194,6 +230,12 @@ def submit(args):
     except ImportError as e:
         sys.exit(f"error: --submit needs {e.name}: pip install submitit")
     return reproduce_slurm.submit(args, [args.section] if args.section else SECTIONS)
+
+
+def documents_root():
+    """Where README.md and samples/ are written (tests/reproduce_documents.py's DOCUMENT_ROOT)."""
+    import reproduce_documents
+    return reproduce_documents.DOCUMENT_ROOT
 
 
 def write_documents(records_dir, check=False):
@@ -212,6 +254,27 @@ def plan(args, sections):
         trainings.update(training_runs(section, args))
         measures.update(measurements(section, args))
     return trainings, measures
+
+
+def plan_difference(args, records, run):
+    """How the record of `run` differs from what the plan gives that name: train.py's flags, its
+    epochs and the run it continues, and each measurement's sample.py flags; None where it does not
+    (or where the plan has no such run)."""
+    trainings, measures = plan(args, SECTIONS)
+    record, differences = records[run], []
+    if run in trainings and record["train"]:
+        train = record["train"]
+        recorded = (train["flags"], train["epochs"], train["continues"])
+        if recorded != trainings[run]:
+            differences.append("trained as (flags, epochs, the run it continues) {} where the plan gives {}".format(
+                *(f"({shlex.join(flags)}, {epochs}, {continues})" for flags, epochs, continues in
+                  (recorded, trainings[run]))))
+    for m, (planned_run, flags) in chain_measures([run], measures).items():  # the flags whole, as measured
+        measurement = record["measurements"].get(m)
+        if measurement and (planned_run, flags) != (run, measurement["flags"]):
+            differences.append(f"{m} measured with {shlex.join(measurement['flags'])} where the plan gives "
+                               f"{shlex.join(flags)}")
+    return "; ".join(differences) or None
 
 
 def chains(trainings, measures):
@@ -607,6 +670,8 @@ def run(args, what, log, script, *script_args):
     t0 = time.time()
     print(what, flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if ENDING.is_set():  # a worker between two scripts when the command was told to end
+        raise KeyboardInterrupt(signal.SIGTERM)
     with open(log, "w", encoding="utf-8") as f:
         process = subprocess.Popen([sys.executable, os.path.join(REPO, script), *script_args], cwd=REPO, env=env,
                                    stdout=f, stderr=subprocess.STDOUT)
@@ -632,13 +697,19 @@ def run(args, what, log, script, *script_args):
 
 RUNNING = set()  # the scripts running now, which a task the scheduler ends stops first (tests/reproduce_slurm.py)
 STOPPING = threading.Event()  # set once the scheduler is ending this task (preemption, requeue, its time limit)
+ENDING = threading.Event()  # set once this command is ending (SIGTERM): no script starts after it
 
 
 def stop_scripts():
+    """The scheduler is ending this task: its scripts end (end_scripts), and run() waits for the end."""
+    STOPPING.set()
+    end_scripts()
+
+
+def end_scripts():
     """SIGTERM to the scripts running now (train.py stops between whole files), then wait for them to
     end. Called from a signal handler, which may have interrupted run() in process.wait(): the wait
     here leaves the exit status to it (WNOWAIT), and Popen's lock alone."""
-    STOPPING.set()
     for process in list(RUNNING):
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGTERM)
@@ -646,6 +717,15 @@ def stop_scripts():
         with contextlib.suppress(ChildProcessError):
             while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
                 time.sleep(0.1)
+
+
+def end_with_scripts(signum, frame):
+    """SIGTERM to this command (kill, a closing terminal): its scripts get it too and end between
+    whole files, so that none trains on as an orphan; then the command ends as on Ctrl-C, and the
+    same command continues."""
+    ENDING.set()
+    end_scripts()
+    raise KeyboardInterrupt(signum)
 
 
 # ----------------------------------------------------------------------------- records
@@ -741,7 +821,7 @@ def read_records(folder):
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         try:
             with open(path, encoding="utf-8") as f:
-                record = json.load(f, parse_constant=not_a_number)
+                record = json.load(f, parse_constant=not_a_number, parse_float=finite)
         except (OSError, ValueError) as e:
             reason = str(e) if type(e) is ValueError else type(e).__name__  # a NaN says so; a cut file its kind
             sys.exit(f"error: the record {path} cannot be read ({reason}): restore it with git checkout, or delete it "
@@ -751,11 +831,38 @@ def read_records(folder):
             sys.exit(f"error: the record {path} is not one of this reproduction's ({problem}): restore it with git "
                      f"checkout, or delete it to train and measure that run again")
         records[record["run"]] = record
+    loop = continuation_loop(records)
+    if loop:  # every walk along the continuations would go round it for ever
+        sys.exit(f"error: the records in {folder} continue each other in a loop ({' continues '.join(loop)}): "
+                 f"restore them with git checkout, or delete one to train and measure it again")
     return records
 
 
 def not_a_number(constant):
     raise ValueError(f"{constant} where a number should be")
+
+
+def finite(text):
+    """A JSON number as a float, refused where it is too large for one (1e999 reads as infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} where a finite number should be")
+    return value
+
+
+def continuation_loop(records):
+    """[run, the run it continues, ..., run] of a loop among the records' continuations, from its
+    first run by name, or None."""
+    for start in records:
+        seen, run = [], start
+        while run in records and records[run]["train"] and records[run]["train"]["continues"]:
+            if run in seen:
+                loop = seen[seen.index(run):]
+                first = loop.index(min(loop))
+                return [*loop[first:], *loop[:first], min(loop)]
+            seen.append(run)
+            run = records[run]["train"]["continues"]
+    return None
 
 
 def record_problem(record, name):

@@ -20,6 +20,8 @@ continue it), trained, measured and recorded exactly as a worker of `--jobs` doe
 machine at once (a check of the submission without a cluster; --jobs shares one machine better).
 """
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import signal
@@ -58,9 +60,11 @@ class ChainTask(submitit.helpers.Checkpointable):
 def submit(args, sections):
     """Submit, wait for and finish the reproduction on args.submit ("slurm" or "local"); returns the
     exit code: 0 once every run is recorded and the tables are written, 1 naming the failed tasks."""
-    if args.submit == "slurm" and not shutil.which("sbatch"):
-        sys.exit("error: --submit slurm needs SLURM's sbatch, and this machine has none: run the command on the "
-                 "cluster's login node, or use --jobs N on this machine")
+    missing = [command for command in ("sbatch", "srun", "squeue") if not shutil.which(command)]
+    if args.submit == "slurm" and missing:  # submitit submits with sbatch and runs each task with srun
+        sys.exit(f"error: --submit slurm needs SLURM's {', '.join(missing)}, and this machine has "
+                 f"{'none of them' if len(missing) > 1 else 'none'}: run the command on the cluster's login node, or "
+                 f"use --jobs N on this machine")
     folder = os.path.join(args.runs_dir, "slurm")
     # a task imports this file, the scripts' utils and reproduce_results, as this command does
     os.environ["PYTHONPATH"] = os.pathsep.join([rr.REPO, os.path.dirname(os.path.abspath(__file__)),
@@ -81,7 +85,7 @@ def submit(args, sections):
 def wait_and_finish(args, sections, executor, task_args, folder):
     """Submit what the plan leaves, round after round, wait for it, then write the tables."""
     listed = os.path.join(folder, "submitted.json")
-    submitted = rr.read_json_file(listed) or {}  # {first run of a chain: {"job": "1234_5", "log": path}}
+    submitted = read_submitted(listed)  # {first run of a chain: {"job": "1234_5", "log": path}}
     jobs, failed, t0, last = {}, set(), time.time(), None
     while True:
         trainings, measures = rr.plan(args, sections)
@@ -98,9 +102,15 @@ def wait_and_finish(args, sections, executor, task_args, folder):
         waiting = [name for name, state in states.items() if state != "ended"]
         if new and not waiting:  # every task of the plan so far has ended: submit what is left, in one array
             os.makedirs(folder, exist_ok=True)
-            with executor.batch():
-                batch = [(chain, executor.submit(ChainTask(task_args, chain, trainings,
-                                                           rr.chain_measures(chain, measures)))) for chain in new]
+            try:  # submitit prints sbatch's complaint as well as raising it: the reason is said once, below
+                with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+                    batch = [(chain, executor.submit(ChainTask(task_args, chain, trainings,
+                                                               rr.chain_measures(chain, measures)))) for chain in new]
+            except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+                reason = ([line for line in str(e).splitlines() if line.strip()] or ["it gave no reason"])[-1]
+                sys.exit(f"error: SLURM refused the job array ({reason.strip()}); nothing more was submitted. Fix "
+                         f"the cause (--partition, --gpus, --cpus, --time, or the cluster), then run the same command "
+                         f"again")
             for chain, job in batch:
                 jobs[chain[0]] = job
                 submitted[chain[0]] = {"job": job.job_id, "log": str(job.paths.stderr)}
@@ -126,6 +136,23 @@ def wait_and_finish(args, sections, executor, task_args, folder):
         return 1
     print(f"every run is recorded ({rr.format_seconds(time.time() - t0)})")
     return rr.write_documents(args.records_dir)
+
+
+def read_submitted(path):
+    """The tasks this command listed as submitted ({first run of a chain: {"job": id, "log": path}}),
+    {} where it has listed none; a list it cannot read, or of another shape (edited by hand, of
+    another version), ends the command in one line: guessed, tasks still queued would be
+    submitted twice."""
+    if not os.path.exists(path):
+        return {}
+    submitted = rr.read_json_file(path)
+    if not isinstance(submitted, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("job"), str) and isinstance(entry.get("log"), str)
+            for entry in submitted.values()):
+        sys.exit(f"error: {path} is not this command's list of the tasks it submitted ({{run: {{\"job\": ID, "
+                 f"\"log\": PATH}}}}): restore it; or, once no task of this reproduction is in SLURM's queue "
+                 f"(squeue --me), delete it, and run the same command again")
+    return submitted
 
 
 def queue_states(args, listed, jobs):

@@ -11,16 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import N_TEST, N_TRAIN
+from conftest import N_TEST, N_TRAIN, refused
 from test_faults import failing_open
-
-
-def refused(result, *messages, code=1):
-    """The script ended with `code` and one line on stderr (argparse adds its usage) holding every message."""
-    code_seen, out, err = result
-    assert code_seen == code and all(message in err for message in messages), (code_seen, out, err)
-    assert len(err.strip().splitlines()) == 1 or code == 2, err
-
 
 METRICS = ["--metrics", "--n-eval", 40, "--n-samples", 3, "--n-importance", 2]
 
@@ -211,8 +203,8 @@ def test_sample_py_on_a_full_disk_writes_no_half_file(user, trained, tmp_path, m
     monkeypatch.setattr("utils.open", failing_open(lambda p: p.endswith(output + ".tmp"), after_bytes=10),
                         raising=False)
     refused(user("sample.py", "--checkpoint", trained, "--out", "g.png", *flags),
-            f"{output}: No space left on device. The files written before it are whole; free space or pass "
-            f"another path, then run the command again.")
+            f"{output}: the disk is full (No space left on device): free space, then run the command again; the "
+            f"files written before it are whole.")
     written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
     assert not [p for p in written if p.endswith((".tmp", output))], written
 
@@ -229,7 +221,7 @@ def test_train_py_on_a_full_disk_during_each_output(user, tmp_path, monkeypatch,
     monkeypatch.setattr("utils.open", failing_open(lambda p: p.endswith(output + ".tmp"), after_bytes=10),
                         raising=False)
     refused(user("train.py", "--epochs", epochs, "--checkpoint-dir", "ck", "--results-dir", "res"),
-            f"error: res/{output}: No space left on device. {message}")
+            f"error: res/{output}: the disk is full (No space left on device): free space. {message}")
     assert not list(tmp_path.glob("*/*.tmp"))
 
 

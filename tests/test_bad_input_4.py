@@ -3,47 +3,12 @@ the reproduction's flags (tests/reproduce_results.py). Each case ends in one lin
 file or flag and what to do, a non-zero exit, and the documents and records as they were; or,
 where the input is odd but valid, it simply works."""
 import json
-import os
-import shutil
 
 import pytest
 
-import reproduce_documents
-import reproduce_results
-from test_bad_input import refused
+from conftest import edit_record, records_copy, refused
 from test_bad_input_3 import read_only
 from test_records import hand_made, seeds
-
-
-@pytest.fixture
-def documents(tmp_path, monkeypatch):
-    """A copy of the documents and samples/ (tables, figures) under tmp_path, the committed records'
-    tables; --tables writes there. Returns a function: {path: text} of the copy, to compare."""
-    for document in reproduce_documents.DOCUMENTS:
-        os.makedirs(tmp_path / os.path.dirname(document), exist_ok=True)
-        shutil.copyfile(os.path.join(reproduce_results.REPO, document), tmp_path / document)
-    shutil.copytree(os.path.join(reproduce_results.REPO, "samples", "tables"), tmp_path / "samples" / "tables")
-    monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
-    monkeypatch.setattr(reproduce_documents, "figures", dict)  # the tables are the point; figures take seconds
-
-    def texts():
-        return {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*.md"))}
-    return texts
-
-
-def records_copy(tmp_path):
-    """The committed records and the runs verified again, copied: records/ and verify/ in tmp_path."""
-    shutil.copytree(reproduce_results.RECORDS, tmp_path / "r" / "records")
-    shutil.copytree(reproduce_documents.again_folder(reproduce_results.RECORDS), tmp_path / "r" / "verify")
-    return tmp_path / "r" / "records"
-
-
-def edit_record(folder, run, change):
-    path = folder / f"{run}.json"
-    record = json.loads(path.read_text(encoding="utf-8"))
-    change(record)
-    path.write_text(json.dumps(record, indent=1), encoding="utf-8")
-
 
 # ----------------------------------------------------------------------------- issue 33's four categories
 
@@ -160,6 +125,9 @@ def test_a_runs_folder_that_cannot_be_written_is_named_before_any_work(command, 
     (["--verify", "fixed-seed1", "--threads", "2"], "--verify trains with its record's thread count"),
     (["--verify", "fixed-seed1", "--jobs", "2"], "leave out --threads and --jobs"),
     (["--jobs", "0"], "argument --jobs: "),
+    (["--verify", ""], "argument --verify: expected a name or a path, got an empty string"),  # an unset variable
+    (["--records-dir", ""], "argument --records-dir: expected a name or a path, got an empty string"),
+    (["--runs-dir", "", "--tables"], "argument --runs-dir: expected a name or a path, got an empty string"),
     (["--section", "everything"], "argument --section: invalid choice: 'everything'"),
 ])
 def test_flags_that_contradict_each_other_or_are_out_of_range_are_refused(command, flags, message):

@@ -18,13 +18,17 @@ EPOCH_LINE = re.compile(r"epoch +\d+ \| rec +([\d.]+) \| kl +([\d.]+) \| kl weig
 
 
 @pytest.fixture
-def graphs(monkeypatch):
-    """A clean slate for torch.compile in this process, its settings put back after; returns a
+def graphs():
+    """A clean slate for torch.compile in this process, its setting put back after by assignment (a
+    config module's computed attribute, which pytest 9.2's monkeypatch would delete); yields a
     function that counts the graphs compiled since."""
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "allow_rnn", torch._dynamo.config.allow_rnn)
+    allow_rnn = torch._dynamo.config.allow_rnn
     torch._dynamo.utils.counters.clear()
-    return lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    try:
+        yield lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.config.allow_rnn = allow_rnn
 
 
 def train(in_process, cwd, mnist_root, folder, *flags):

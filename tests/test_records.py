@@ -5,11 +5,13 @@ import argparse
 import contextlib
 import json
 import os
+import pathlib
 import re
 import runpy
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -19,6 +21,7 @@ import torch
 
 import reproduce_documents
 import reproduce_results
+from conftest import edit_record, records_copy, refused
 from test_reproduce import write_records
 
 TINY = {"tiny-seed0": ([], 1, None), "tiny-seed0-long": ([], 2, "tiny-seed0"), "tiny-seed1": (["--seed", "1"], 1, None)}
@@ -421,3 +424,76 @@ def test_two_workers_share_the_chains_and_a_continuation_follows_its_run(tiny, t
     assert chain.index("training tiny-seed0") < chain.index("measuring tiny-seed0-T1") < next(
         i for i, what in enumerate(chain) if what.startswith("training tiny-seed0-long"))
     assert read(tmp_path, "tiny-seed0-long")["train"]["first_epoch"] == 2
+
+
+# ------------------------------------------------------------------- records read strictly, documents all or nothing
+
+def test_a_number_too_large_for_a_float_is_refused_by_name(command, documents, tmp_path):
+    records, before = records_copy(tmp_path), documents()
+    path = records / "concat-seed1.json"
+    path.write_text(path.read_text(encoding="utf-8").replace('"test_loss": ', '"test_loss": 1e999, "x": ', 1),
+                    encoding="utf-8")  # JSON reads 1e999 as infinity
+    refused(command("--tables", "--records-dir", records), f"the record {path} cannot be read (1e999 where a finite "
+            "number should be)")
+    assert documents() == before
+
+
+def test_records_that_continue_each_other_in_a_loop_are_refused_not_followed(command, documents, tmp_path):
+    records, before = records_copy(tmp_path), documents()
+    edit_record(records, "ar-concat-seed0", lambda r: r["train"].update(continues="ar-concat-seed0-long"))
+    for flags in (["--tables"], ["--verify", "ar-concat-seed0-long"]):  # each once ran round it for ever
+        refused(command(*flags, "--records-dir", records), "continue each other in a loop (ar-concat-seed0 continues "
+                "ar-concat-seed0-long continues ar-concat-seed0)")
+    assert documents() == before
+
+
+def test_a_record_copied_under_another_runs_name_is_not_verified_as_that_run(command, tmp_path):
+    records = records_copy(tmp_path)
+    edit_record(records, "fixed-seed1", lambda r: r["train"].update(flags=["--seed", "1"]))  # mix-and-match-seed1's
+    result = command("--verify", "fixed-seed1", "--records-dir", records, "--runs-dir", tmp_path / "runs")
+    refused(result, "the record of fixed-seed1 is not of the run the plan gives that name: trained as (flags, "
+            "epochs, the run it continues) (--seed 1, 50, None) where the plan gives (--conditioning fixed --seed 1, "
+            "50, None)")
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("target", ["samples/tables/seed_differences.md", "samples/tables"])
+def test_a_folder_or_file_where_a_table_belongs_leaves_every_document_as_it_was(command, documents, tmp_path, target):
+    records, readme = records_copy(tmp_path), tmp_path / "README.md"
+    readme.write_text(readme.read_text(encoding="utf-8").replace("<!-- /table -->", "stale\n<!-- /table -->", 1),
+                      encoding="utf-8")  # a table the command would rewrite
+    shutil.rmtree(tmp_path / target) if (tmp_path / target).is_dir() else (tmp_path / target).unlink()
+    (tmp_path / target).mkdir() if target.endswith(".md") else (tmp_path / target).write_text("", encoding="utf-8")
+    before = documents()
+    refused(command("--tables", "--records-dir", records), f"{tmp_path / target}", "a folder stands where a file "
+            "belongs, or a file where a folder belongs")
+    assert documents() == before and not list(tmp_path.rglob("*.tmp"))  # README and the report not rewritten
+
+
+def test_a_reproduction_killed_with_sigterm_ends_its_training_too_leaving_whole_checkpoints(tmp_path, mnist_root):
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    records.mkdir()
+    process = subprocess.Popen([sys.executable, os.path.join(reproduce_results.REPO, "tests", "reproduce_results.py"),
+                                "--data-root", mnist_root, "--runs-dir", runs, "--records-dir", records, "--section",
+                                "results", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    deadline = time.time() + 120
+    while not list(runs.glob("*/checkpoint/mix_match_01.pth")) and time.time() < deadline:  # train.py is training
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)  # `kill`: this command alone gets it, not its process group
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and err.startswith("interrupted: the runs and measurements finished so far"), err
+    assert len(err.strip().splitlines()) == 1, err  # once, the script's own lines are in its log
+    assert processes_naming(runs) == []  # once, its train.py trained on
+    for path in runs.glob("*/checkpoint/mix_match_*.pth"):
+        torch.load(path, weights_only=True)  # each whole
+
+
+def processes_naming(folder):
+    """The ids of this machine's processes whose command line names `folder`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):  # ended while listed
+            if str(folder).encode() in pathlib.Path("/proc", pid, "cmdline").read_bytes():
+                found.append(pid)
+    return found

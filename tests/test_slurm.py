@@ -17,7 +17,7 @@ import time
 import pytest
 
 import reproduce_results
-from test_bad_input import refused
+from conftest import refused
 
 pytest.importorskip("submitit", reason="the reproduction's --submit needs submitit (.ci/run installs it)")
 reproduce_slurm = pytest.importorskip("reproduce_slurm")
@@ -183,10 +183,38 @@ def test_the_local_executor_runs_the_same_tasks(reproduction, monkeypatch, tmp_p
     assert records(tmp_path / "local" / "records") == in_process_records(reproduction, tmp_path)
 
 
-def test_a_machine_without_sbatch_or_submitit_is_told_what_is_missing(reproduction, monkeypatch):
+def test_a_machine_without_sbatch_or_submitit_is_told_what_is_missing(reproduction, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", "/nonexistent")
-    refused(reproduction("slurm", "--submit", "slurm"), "error: --submit slurm needs SLURM's sbatch, and this "
-            "machine has none: run the command on the cluster's login node, or use --jobs N on this machine")
+    refused(reproduction("slurm", "--submit", "slurm"), "error: --submit slurm needs SLURM's sbatch, srun, squeue, "
+            "and this machine has none of them: run the command on the cluster's login node, or use --jobs N on this "
+            "machine")
+    bin_dir = tmp_path / "bin"  # sbatch alone: submitit would end in a traceback at srun
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").symlink_to(shutil.which("true", path="/bin:/usr/bin"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    refused(reproduction("slurm", "--submit", "slurm"), "error: --submit slurm needs SLURM's srun, squeue, and this "
+            "machine has none of them")
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "reproduce_slurm")
     refused(reproduction("slurm", "--submit", "local"), "error: --submit needs submitit: pip install submitit")
+
+
+def test_a_list_of_submitted_tasks_of_another_shape_is_refused_before_any_submission(reproduction, monkeypatch,
+                                                                                     tmp_path):
+    plan(monkeypatch, TINY, TINY_MEASURES)
+    listed = tmp_path / "local" / "runs" / "slurm" / "submitted.json"
+    for content in ('[["tiny-seed0", "12_0"]]', '{"tiny-seed0": "12_0"}'):  # another version's, edited by hand
+        listed.parent.mkdir(parents=True, exist_ok=True)
+        listed.write_text(content, encoding="utf-8")
+        refused(reproduction("local", "--submit", "local", "--time", "10"), f"error: {listed} is not this command's "
+                "list of the tasks it submitted", "restore it")
+        assert listed.read_text(encoding="utf-8") == content
+        assert not (tmp_path / "local" / "runs" / "tiny-seed0").exists()  # nothing trained
+
+
+@needs_slurm
+def test_a_job_array_the_scheduler_refuses_is_one_line_with_its_reason(reproduction, monkeypatch, tmp_path):
+    plan(monkeypatch, TINY, TINY_MEASURES)
+    code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "no-such-partition")
+    refused((code, out, err), "error: SLURM refused the job array (", "artition", "nothing more was submitted")
+    assert "Traceback" not in err

@@ -1,5 +1,6 @@
 """Our fast training loop trains exactly what the tutorial's pipeline trains (tests/bench_train.py
 times the two): same batches, same Sampling draws, same losses and weights for a seed."""
+import pytest
 import torch
 
 from bench_train import TutorialModel, tutorial_epoch, tutorial_loader
@@ -28,3 +29,14 @@ def test_train_epoch_matches_the_tutorial_pipeline(mnist_root):
     assert torch.equal(ours_next, tutorial_next)
     for key, value in ours_weights.items():
         assert torch.allclose(value.float(), tutorial_weights[key].float(), atol=1e-6), key
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("tests/bench_train.py", ["--epochs", "0"], "argument --epochs: expected a whole number >= 1, got '0'"),
+    ("tests/bench_train.py", ["--run-epochs", "-1"], "argument --run-epochs: expected a whole number >= 1"),
+    ("tests/bench_train.py", ["--data-root", ""], "argument --data-root: expected a name or a path, got an empty"),
+    ("tests/gpu_check.py", ["--steps", "0"], "argument --steps: expected a whole number >= 1, got '0'"),
+])
+def test_the_benchmarks_refuse_a_count_below_one_before_any_work(in_process, tmp_path, script, flags, message):
+    result = in_process(script, *flags, cwd=tmp_path)  # once a StatisticsError traceback after the epochs
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

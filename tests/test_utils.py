@@ -16,6 +16,8 @@ from model import MixAndMatchCVAE, ModelConfig
 from utils import (
     BinaryCrossEntropySum,
     atomic_write,
+    explain_os_error,
+    given,
     join_image,
     kl_anneal_function,
     kl_divergence,
@@ -26,6 +28,7 @@ from utils import (
     save_checkpoint,
     shell_command,
     split_image,
+    write_all,
 )
 
 
@@ -178,7 +181,8 @@ def test_on_windows_a_file_held_open_is_retried_then_named(tmp_path, windows, mo
     with pytest.raises(PermissionError) as e:
         atomic_write(str(path), lambda f: f.write(b"new"))
     assert len(tries) == 20 and e.value.filename == str(path)
-    assert "another program holds it open" in e.value.strerror and "close it" in e.value.strerror
+    assert explain_os_error(e.value) == (f"{path}: another program holds it open, so it cannot be replaced: close it "
+                                         f"(an image viewer, an editor)")  # not a full disk
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["curves.png"]  # no .tmp left
 
     replaced = iter([PermissionError(errno.EACCES, "Access is denied"), None])  # closed after the first try
@@ -210,3 +214,42 @@ def test_a_command_to_paste_is_quoted_for_the_shell_of_the_system(monkeypatch):
     assert shell_command(words) == "python3 train.py --resume 'C:\\my runs\\mix_match_03.pth'"
     monkeypatch.setattr(utils, "WINDOWS", True)  # cmd.exe keeps single quotes: double ones there
     assert shell_command(words) == 'python3 train.py --resume "C:\\my runs\\mix_match_03.pth"'
+
+
+@pytest.mark.parametrize("code, cause", [
+    (errno.ENOSPC, "the disk is full (No space left on device): free space"),
+    (errno.EDQUOT, "the disk is full (Disk quota exceeded): free space"),
+    (errno.EACCES, "cannot be written there (Permission denied): make it writable, or pass another path"),
+    (errno.EROFS, "cannot be written there (Read-only file system): make it writable, or pass another path"),
+    (errno.EISDIR, "a folder stands where a file belongs, or a file where a folder belongs (Is a directory): move "
+                   "it aside, or pass another path"),
+    (errno.ENOTDIR, "a folder stands where a file belongs, or a file where a folder belongs (Not a directory): move "
+                    "it aside, or pass another path"),
+    (errno.EIO, "Input/output error")])  # any other: the system's own words
+def test_an_os_error_is_explained_by_its_cause(code, cause):
+    assert explain_os_error(OSError(code, os.strerror(code), "results/curves.png")) == f"results/curves.png: {cause}"
+
+
+def test_several_files_are_written_all_or_nothing(tmp_path, monkeypatch):
+    a, b, folder = tmp_path / "a.md", tmp_path / "b.md", tmp_path / "c.md"
+    a.write_text("old a", encoding="utf-8")
+    folder.mkdir()  # a folder where the third file belongs: found before any file is replaced
+    with pytest.raises(IsADirectoryError) as e:
+        write_all({str(a): lambda f: f.write(b"new a"), str(b): lambda f: f.write(b"new b"),
+                   str(folder): lambda f: f.write(b"new c")})
+    assert e.value.filename == str(folder) and a.read_text(encoding="utf-8") == "old a" and not b.exists()
+    assert sorted(os.listdir(tmp_path)) == ["a.md", "c.md"]  # no .tmp left
+
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError) as e:  # the disk full at the second: the first stays as it was
+        write_all({str(a): lambda f: f.write(b"new a"), str(b): full})
+    assert e.value.filename == str(b) and a.read_text(encoding="utf-8") == "old a"
+    write_all({str(a): lambda f: f.write(b"new a"), str(b): lambda f: f.write(b"new b")})
+    assert (a.read_text(encoding="utf-8"), b.read_text(encoding="utf-8")) == ("new a", "new b")
+
+
+def test_an_empty_name_or_path_is_refused():
+    assert given("runs") == "runs"
+    with pytest.raises(argparse.ArgumentTypeError, match="got an empty string"):
+        given("")
