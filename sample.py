@@ -20,6 +20,7 @@ from utils import (
     check_output_file,
     classifier_features,
     classifier_log_probs,
+    classifier_outputs,
     classifier_scores,
     completion_distances,
     explain_os_error,
@@ -216,7 +217,9 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
     log_w, bce, kl, means = posterior_draws(model, data, condition, alpha, n_importance)
     completed = complete(model, condition, alpha, n_samples, temperature)  # (N, K, 784)
     diversity, best_error, mean_error = completion_distances(split_image(completed)[0], data)
-    log_probs = classifier_log_probs(classifier, completed.flatten(0, 1)).unflatten(0, completed.shape[:2])
+    # the classifier once over the completions: its log-probabilities, and its features for fidelity_rows
+    log_probs, features = (x.unflatten(0, completed.shape[:2])
+                           for x in classifier_outputs(classifier, completed.flatten(0, 1)))  # (N, K, ...)
     scores = classifier_scores(log_probs)  # over the K completions of each image
     truth = classifier_scores(classifier_log_probs(classifier, images)[:, None])  # K = 1: the real top
     # diversity by source (samples/README.md, "Does Mix-and-Match keep the latent in use?"): one Sampling held
@@ -226,7 +229,7 @@ def evaluation_metrics(model, classifier, images, alpha, n_samples, n_importance
     undefined = zero_by_construction(model.config, alpha)
     sampling_alone = (None if "diversity_sampling" in undefined else
                       complete(model, condition, alpha, n_samples, z=one_z))
-    fidelity, fidelity_of_real = fidelity_rows(classifier, completed, real)
+    fidelity, fidelity_of_real = fidelity_rows(classifier, features, real)
     neighbour_tops, threshold = real["neighbour_tops"], real["threshold"]
     multimodal = multimodal_distances(split_image(completed)[0], neighbour_tops, threshold)
     multimodal_of_truth = multimodal_distances(data[:, None], neighbour_tops, threshold)  # K = 1: the real top
@@ -290,16 +293,15 @@ FIDELITY_NAMES = {"precision": "precision, k=3 (fidelity)", "recall": "recall, k
                   "frechet": "Fréchet distance, classifier features"}
 
 
-def fidelity_rows(classifier, completed, real):
-    """Fidelity and coverage of the completed images (N, K, 784) against real test images they do
-    not share a bottom with, in the classifier's features; and, for reference, of real training
-    images in their place. Every set has the same size n, the smallest of the three (9000 with
-    the defaults: the 9000 test images left out of 1000 evaluated, against the first 9 of the 18
-    completions of each), since k-NN balls shrink as a set grows."""
-    n = min(completed.shape[0] * completed.shape[1], len(real["held_out"]), len(real["train"]))
-    fake = completed.transpose(0, 1).flatten(0, 1)[:n]  # completion k of every image before completion k + 1
-    held_out, fake, train = (classifier_features(classifier, x) for x in (real["held_out"][:n], fake,
-                                                                          real["train"][:n]))
+def fidelity_rows(classifier, completed_features, real):
+    """Fidelity and coverage of the completed images, given as the classifier's features (N, K,
+    128), against real test images they do not share a bottom with, in those features; and, for
+    reference, of real training images in their place. Every set has the same size n, the smallest
+    of the three (9000 with the defaults: the 9000 test images left out of 1000 evaluated, against
+    the first 9 of the 18 completions of each), since k-NN balls shrink as a set grows."""
+    n = min(completed_features.shape[0] * completed_features.shape[1], len(real["held_out"]), len(real["train"]))
+    fake = completed_features.transpose(0, 1).flatten(0, 1)[:n]  # completion k of every image before k + 1
+    held_out, train = (classifier_features(classifier, x) for x in (real["held_out"][:n], real["train"][:n]))
     return [{**manifold_measures(held_out, x), "frechet": frechet_distance(held_out, x)} for x in (fake, train)]
 
 

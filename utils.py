@@ -966,7 +966,18 @@ def mnist_fingerprint(root):
 
 @torch.no_grad()
 def classifier_log_probs(classifier, images, batch_size=2000):
-    return torch.cat([F.log_softmax(classifier(batch), dim=1) for batch in images.split(batch_size)])
+    return classifier_outputs(classifier, images, batch_size)[0]
+
+
+@torch.no_grad()
+def classifier_outputs(classifier, images, batch_size=2000):
+    """(log p(y | image) (B, 10), features (B, 128)) of the digit classifier, in one pass: its
+    penultimate layer (classifier_features), and the log-probabilities its last layers read from it."""
+    log_probs, features = [], []
+    for batch in images.split(batch_size):
+        features.append(classifier[:-2](batch))  # (b, 128)
+        log_probs.append(F.log_softmax(classifier[-2:](features[-1]), dim=1))  # Dropout (off in eval), Linear
+    return torch.cat(log_probs), torch.cat(features)
 
 
 # ------------------------------------------------------------------ fidelity and coverage (sample.py --metrics)

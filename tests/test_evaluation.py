@@ -13,6 +13,7 @@ from utils import (
     active_units,
     bottom_neighbours,
     classifier_features,
+    classifier_outputs,
     classifier_scores,
     completion_distances,
     digit_classifier,
@@ -277,3 +278,12 @@ def test_the_digit_classifier_is_the_same_whatever_was_drawn_before_it(tmp_path,
     load_or_train_classifier(str(tmp_path / "a.pth"), mnist_root, "cpu", epochs=1)
     assert "does not fit this version of the code (KeyError: 'seed')" in capsys.readouterr().out
     assert torch.load(tmp_path / "a.pth", weights_only=True)["seed"] == 0
+
+
+def test_one_pass_of_the_classifier_gives_its_log_probabilities_and_its_features():
+    torch.manual_seed(0)
+    classifier, images = digit_classifier().eval(), torch.rand(50, 784)
+    log_probs, features = classifier_outputs(classifier, images, batch_size=20)  # batches of 20, 20 and 10
+    with torch.no_grad():  # the whole network, as sample.py once ran it a second time for the features
+        assert torch.equal(log_probs, torch.log_softmax(classifier(images), dim=1))
+    assert torch.equal(features, classifier_features(classifier, images, batch_size=20))
