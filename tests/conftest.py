@@ -1,5 +1,10 @@
-"""Shared fixtures: tiny synthetic MNIST in the IDX layout torchvision reads (no real MNIST, no
-network), and helpers that run our scripts as a user would."""
+"""Shared fixtures and helpers: tiny synthetic MNIST in the IDX layout torchvision reads (no real
+MNIST, no network); our scripts run as a user would (in_process, run_script, user, trained, train,
+command), and what a refusal must look like (refused, assert_refused); a copy of the documents and
+the records for the reproduction's cases (documents, records_copy, edit_record, write_records);
+read_only folders and the checkpoints on disk."""
+import contextlib
+import glob
 import json
 import os
 import runpy
@@ -8,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +176,54 @@ def edit_record(folder, run, change):
     record = json.loads(path.read_text(encoding="utf-8"))
     change(record)
     path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """The folder made immutable (chattr +i): not even root may create a file in it."""
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not available on this file system")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+@pytest.fixture
+def train(in_process, tmp_path, mnist_root):
+    """train.py in tmp_path on the CPU, into ck/ and results/: train("--epochs", 1) -> its result."""
+    def run(*extra, check=True):
+        return in_process("train.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint-dir", "ck",
+                          "--results-dir", "results", *extra, cwd=tmp_path, check=check)
+    return run
+
+def assert_refused(result, message, code=1):
+    """One message, no traceback, the exit code; the message is the last thing on stderr."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+def checkpoints_on_disk(folder):
+    """Every file of a checkpoint folder: names and bytes; fails if one is not a whole checkpoint."""
+    files = {os.path.basename(p): Path(p).read_bytes() for p in sorted(glob.glob(os.path.join(folder, "*")))}
+    assert not [name for name in files if not name.endswith(".pth")], files.keys()  # no .tmp
+    for name in files:
+        checkpoint = torch.load(os.path.join(folder, name), weights_only=True)
+        assert all(t.isfinite().all() for t in checkpoint["model"].values() if t.is_floating_point()), name
+    return files
+
+
+METRICS = ["--metrics", "--n-eval", 40, "--n-samples", 3, "--n-importance", 2]
+
+
+def write_records(folder, measured):
+    """A record per run of the {measurement: metrics JSON} given, as the reproduction writes them."""
+    folder.mkdir(exist_ok=True)
+    for name, metrics in measured.items():
+        run = name.rsplit("-T", 1)[0]
+        path = folder / f"{run}.json"
+        record = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {
+            "run": run, "train": None, "config": {}, "history": [], "measurements": {}, "commit": "c",
+            "torch": "t", "cpu": "cpu", "cpu_capability": "AVX2", "threads": 1}
+        record["measurements"][name] = {"flags": [], "seconds": 1.0,
+                                        "metrics": {"classifier_accuracy": 0.9913, "temperature": 1.0, **metrics}}
+        path.write_text(json.dumps(record), encoding="utf-8")

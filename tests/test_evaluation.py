@@ -254,9 +254,9 @@ def test_classifier_features_are_what_its_last_layer_reads():
 
 
 def test_the_digit_classifier_is_the_same_whatever_was_drawn_before_it(tmp_path, mnist_root, capsys):
-    # before: its initial weights came from the caller's generator, so the cache depended on which
-    # checkpoint's metrics built it (a mix-and-match model draws its Sampling first), and with it
-    # every measure in the classifier's features (precision 0.81 or 0.73 for one recurrent model)
+    # its initial weights are its own: drawn from the caller's generator, the cache would depend on
+    # which checkpoint's metrics built it (a mix-and-match model draws its Sampling first), and with
+    # it every measure in the classifier's features (precision 0.81 or 0.73 for one recurrent model)
     torch.manual_seed(1)
     first = load_or_train_classifier(str(tmp_path / "a.pth"), mnist_root, "cpu", epochs=1)
     torch.manual_seed(2)

@@ -1,6 +1,9 @@
 """The reproduction's records (tests/reproduce_results.py): a tiny reproduction trains, measures
 and records its runs with two workers, --verify trains one again and compares, and --tables
-writes the documents' tables from records alone, or says which it cannot."""
+writes the documents' tables from records alone, or says which it cannot. Records that are broken,
+of another shape, too large a number, in a loop or under another run's name, table markers
+without their pair and folders where a table belongs each end in one line with the documents as
+they were; a SIGTERM ends the reproduction and its scripts, between whole files."""
 import argparse
 import contextlib
 import json
@@ -21,8 +24,7 @@ import torch
 
 import reproduce_documents
 import reproduce_results
-from conftest import edit_record, records_copy, refused
-from test_reproduce import write_records
+from conftest import edit_record, records_copy, refused, write_records
 
 TINY = {"tiny-seed0": ([], 1, None), "tiny-seed0-long": ([], 2, "tiny-seed0"), "tiny-seed1": (["--seed", "1"], 1, None)}
 TINY_MEASURES = {"tiny-seed0-T1": ("tiny-seed0", []), "tiny-seed0-long-T1": ("tiny-seed0-long", []),
@@ -256,56 +258,6 @@ def test_a_broken_record_is_named_in_one_line_before_any_work(tmp_path, content,
     assert "restore it with git checkout, or delete it" in e.value.code
 
 
-DOCUMENT = """# Results
-<!-- table seeds -->
-stale
-<!-- /table -->
-Text that stays.
-<!-- table mechanism -->
-stale
-<!-- /table -->
-"""
-
-
-def test_tables_are_written_from_the_records_pending_where_a_section_is_not_recorded(tmp_path, monkeypatch, capsys):
-    from test_reproduce import metrics  # hand-made measurements of section "results"
-
-    (tmp_path / "samples").mkdir()
-    for document in ("README.md", "samples/README.md"):
-        (tmp_path / document).write_text(DOCUMENT, encoding="utf-8")
-    monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
-    monkeypatch.setattr(reproduce_documents, "figures", dict)
-    write_records(tmp_path / "records", metrics())
-    records = str(tmp_path / "records")
-    assert reproduce_results.write_documents(records, check=True) == 1  # stale tables
-    assert "README.md: its tables differ from what the records give" in capsys.readouterr().out
-    assert reproduce_results.write_documents(records) == 0
-    out = capsys.readouterr().out
-    assert "section mechanism: 24 measurements not recorded yet (ar-random-decoder-seed0-T1" in out
-    text = (tmp_path / "README.md").read_text(encoding="utf-8")
-    assert text.startswith("# Results\n<!-- table seeds -->\n| metric (per test image), mean ± sd over seeds 0, 1, 2 |")
-    assert "<!-- /table -->\nText that stays.\n<!-- table mechanism -->\n*Pending: measurements not recorded yet " \
-           "(24 of section mechanism);" in text
-    tables = tmp_path / "samples" / "tables"
-    assert (tables / "seed_differences.md").read_text(encoding="utf-8").startswith("| metric | mix-and-match")
-    assert (tables / "mechanism_differences.md").read_text(encoding="utf-8").startswith("*Pending: ")
-    assert reproduce_results.write_documents(records, check=True) == 0  # as the records give
-    edited_by_hand = text.replace("| 74.000 ± 1.000 |", "| 74.001 ± 1.000 |")
-    (tmp_path / "README.md").write_text(edited_by_hand, encoding="utf-8")
-    assert reproduce_results.write_documents(records, check=True) == 1
-    (tmp_path / "README.md").write_text(text + "<!-- table nonsense -->\n<!-- /table -->\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="a table marker of no table of this reproduction: nonsense"):
-        reproduce_results.write_documents(records)
-
-
-def test_the_provenance_counts_the_classifier_that_judged_each_measurement(tmp_path):
-    write_records(tmp_path, {"a-seed0-T1": {"metrics": {}}, "a-seed0-T2": {"metrics": {}},
-                             "b-seed0-T1": {"classifier_accuracy": 0.98, "metrics": {}}})
-    text = reproduce_documents.provenance(reproduce_results.read_records(str(tmp_path)), str(tmp_path))
-    assert "2 runs recorded. " in text and "The digit classifier's test accuracy (measurements): 98.00% (1), " \
-                                           "99.13% (2). " in text
-
-
 def test_the_committed_documents_are_what_the_committed_records_give(capsys):
     assert reproduce_results.write_documents(reproduce_results.RECORDS, check=True) == 0, capsys.readouterr().out
 
@@ -441,7 +393,7 @@ def test_a_number_too_large_for_a_float_is_refused_by_name(command, documents, t
 def test_records_that_continue_each_other_in_a_loop_are_refused_not_followed(command, documents, tmp_path):
     records, before = records_copy(tmp_path), documents()
     edit_record(records, "ar-concat-seed0", lambda r: r["train"].update(continues="ar-concat-seed0-long"))
-    for flags in (["--tables"], ["--verify", "ar-concat-seed0-long"]):  # each once ran round it for ever
+    for flags in (["--tables"], ["--verify", "ar-concat-seed0-long"]):
         refused(command(*flags, "--records-dir", records), "continue each other in a loop (ar-concat-seed0 continues "
                 "ar-concat-seed0-long continues ar-concat-seed0)")
     assert documents() == before
@@ -483,8 +435,8 @@ def test_a_reproduction_killed_with_sigterm_ends_its_training_too_leaving_whole_
     process.send_signal(signal.SIGTERM)  # `kill`: this command alone gets it, not its process group
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143 and err.startswith("interrupted: the runs and measurements finished so far"), err
-    assert len(err.strip().splitlines()) == 1, err  # once, the script's own lines are in its log
-    assert processes_naming(runs) == []  # once, its train.py trained on
+    assert len(err.strip().splitlines()) == 1, err  # the scripts' own lines are in their logs
+    assert processes_naming(runs) == []  # no train.py trains on
     for path in runs.glob("*/checkpoint/mix_match_*.pth"):
         torch.load(path, weights_only=True)  # each whole
 
@@ -497,3 +449,95 @@ def processes_naming(folder):
             if str(folder).encode() in pathlib.Path("/proc", pid, "cmdline").read_bytes():
                 found.append(pid)
     return found
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["measurements"]["fixed-seed1-T1"]["metrics"]["metrics"]["kl"].update(model="11.4"),
+     "(the measurement fixed-seed1-T1 has a measure that is not a number, or no temperature)"),
+    (lambda r: r["measurements"]["fixed-seed1-T1"]["metrics"]["metrics"]["kl"].update(model=float("nan")),
+     "cannot be read (NaN where a number should be)"),
+    (lambda r: r["measurements"]["fixed-seed1-T1"].pop("seconds"), "(the measurement fixed-seed1-T1 has no flags or "),
+])
+def test_a_record_whose_numbers_are_not_numbers_or_that_lacks_a_field_stops_the_tables(
+        command, documents, tmp_path, change, message):
+    records, before = records_copy(tmp_path), documents()
+    edit_record(records, "fixed-seed1", change)
+    refused(command("--tables", "--records-dir", records), f"the record {records / 'fixed-seed1.json'}", message,
+            "restore it with git checkout")
+    assert documents() == before
+
+def test_a_table_marker_without_its_closing_line_stops_the_tables_before_writing(command, documents, tmp_path):
+    report = tmp_path / "samples" / "README.md"
+    lines = report.read_text(encoding="utf-8").splitlines(keepends=True)
+    closing = [i for i, line in enumerate(lines) if line == "<!-- /table -->\n"]
+    del lines[closing[2]]  # the third table's closing line
+    report.write_text("".join(lines), encoding="utf-8")
+    before = documents()
+    opening = [i for i, line in enumerate(lines) if line.startswith("<!-- table ")][2] + 1
+    refused(command("--tables"), f"samples/README.md, line {opening}: a table marker without its pair",
+            "restore the marker, or git checkout samples/README.md")
+    assert documents() == before
+
+def test_a_records_folder_that_does_not_exist_is_named_not_taken_for_no_records(command, documents, tmp_path):
+    before = documents()
+    for flags in (["--tables"], ["--tables", "--check"], ["--verify", "fixed-seed1"], []):
+        refused(command(*flags, "--records-dir", tmp_path / "recrods"), f"--records-dir {tmp_path / 'recrods'}: "
+                "no such folder", "create it first")
+    assert documents() == before and not (tmp_path / "recrods").exists()
+
+def test_a_records_folder_that_is_a_file_is_named(command, tmp_path):
+    (tmp_path / "records").write_text("not a folder", encoding="utf-8")
+    refused(command("--tables", "--records-dir", tmp_path / "records"), "no such folder")
+
+def test_a_json_file_that_is_not_a_record_in_the_records_folder_is_named(command, documents, tmp_path):
+    records, before = records_copy(tmp_path), documents()
+    (records / "notes.json").write_text(json.dumps({"todo": "more seeds"}), encoding="utf-8")
+    refused(command("--tables", "--records-dir", records), f"the record {records / 'notes.json'} is not one of this "
+            "reproduction's (no run, train, config")
+    assert documents() == before
+
+def test_a_record_without_a_measure_its_table_reads_stops_the_tables(command, documents, tmp_path):
+    records, before = records_copy(tmp_path), documents()
+    edit_record(records, "concat-seed1", lambda r: r["measurements"]["concat-seed1-T1"]["metrics"]["metrics"].pop(
+        "frechet"))
+    refused(command("--tables", "--records-dir", records), "reads 'frechet' where the records in", "git checkout")
+    assert documents() == before
+
+def test_a_broken_run_verified_again_is_named_by_the_tables(command, documents, tmp_path):
+    records, before = records_copy(tmp_path), documents()
+    again = tmp_path / "r" / "verify" / "shipped.json"
+    again.write_text(again.read_text(encoding="utf-8")[:300], encoding="utf-8")
+    refused(command("--tables", "--records-dir", records), f"the record {again} cannot be read (JSONDecodeError)")
+    assert documents() == before
+
+@pytest.mark.parametrize("edit, line", [
+    (lambda text: text.replace("<!-- table found -->\n", "", 1), "closing"),  # a closing line with no opening one
+    (lambda text: text.replace("<!-- /table -->\n", "<!-- /table -->\n<!-- table found -->\n", 1), "opening"),
+])
+def test_a_stray_or_doubled_table_marker_stops_the_tables(command, documents, tmp_path, edit, line):
+    readme = tmp_path / "README.md"
+    readme.write_text(edit(readme.read_text(encoding="utf-8")), encoding="utf-8")
+    before = documents()
+    refused(command("--tables"), "README.md, line ", "a table marker without its pair")
+    assert documents() == before
+
+def test_a_missing_document_is_named_with_what_to_do(command, documents, tmp_path):
+    (tmp_path / "samples" / "README.md").unlink()
+    before = documents()
+    refused(command("--tables"), "samples/README.md is missing: restore it with git checkout samples/README.md")
+    assert documents() == before
+
+
+def test_verify_of_a_continuation_whose_start_has_no_record_names_it(command, tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    start, long = seeds()["mix-and-match-seed0"], hand_made("mix-and-match-seed0-long", 9.0)
+    long["train"] = {"script": ["train.py"], "flags": [], "epochs": 200, "continues": "mix-and-match-seed0",
+                     "first_epoch": 51, "seconds": 1.0}
+    for record in (start, long):
+        (records / f"{record['run']}.json").write_text(json.dumps(record), encoding="utf-8")
+    (records / "mix-and-match-seed0.json").unlink()
+    refused(command("--verify", "mix-and-match-seed0-long", "--records-dir", records, "--runs-dir", tmp_path / "runs"),
+            "mix-and-match-seed0-long continues mix-and-match-seed0, which has no record",
+            "restore mix-and-match-seed0.json with git checkout")
+    assert not (tmp_path / "runs").exists()

@@ -5,10 +5,15 @@ import argparse
 import json
 import math
 import re
+import sys
 
+import pytest
 import torch
 from PIL import Image
 
+import reproduce_documents
+import reproduce_results
+from conftest import read_only, refused, write_records
 from model import MixAndMatchCVAE, ModelConfig
 from one_side_random import one_side_random
 from reproduce_documents import (
@@ -183,20 +188,6 @@ def fix_measurement(name):
                         for key, value in values.items()}}
 
 
-def write_records(folder, measured):
-    """A record per run of the {measurement: metrics JSON} given, as the reproduction writes them."""
-    folder.mkdir(exist_ok=True)
-    for name, metrics in measured.items():
-        run = name.rsplit("-T", 1)[0]
-        path = folder / f"{run}.json"
-        record = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {
-            "run": run, "train": None, "config": {}, "history": [], "measurements": {}, "commit": "c",
-            "torch": "t", "cpu": "cpu", "cpu_capability": "AVX2", "threads": 1}
-        record["measurements"][name] = {"flags": [], "seconds": 1.0,
-                                        "metrics": {"classifier_accuracy": 0.9913, "temperature": 1.0, **metrics}}
-        path.write_text(json.dumps(record), encoding="utf-8")
-
-
 def measure_all(tmp_path, names):
     write_records(tmp_path / "records", {name: fix_measurement(name) for name in names})
 
@@ -342,3 +333,110 @@ def test_readmes_table_has_each_decoders_conditionings_and_the_fix_that_won(tmp_
         "| recurrent, concat + history dropout 0.25"]
     # autoregressive concat with history dropout 0.25: KL 5 + seed, diversity from z 2 - 0.25 + seed
     assert lines[2 + 6].startswith("| autoregressive, concat + history dropout 0.25 | 6.00 ± 1.00 | 2.75 ± 1.00 |")
+
+
+def test_the_reproduction_refuses_a_wrong_data_root_before_any_training(tmp_path, in_process):
+    result = in_process("tests/reproduce_results.py", "--data-root", tmp_path / "nowhere", "--runs-dir",
+                        tmp_path / "runs", cwd=tmp_path)
+    assert result.returncode == 1 and "MNIST is not under" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+@pytest.mark.parametrize("fault, message", [
+    (KeyboardInterrupt, "interrupted: the runs and measurements finished so far are kept; run the same command"),
+    (OSError(28, "No space left on device", "runs/metrics/x.log"),
+     "error: runs/metrics/x.log: the disk is full (No space left on device): free space, then run the same"),
+])
+def test_the_reproduction_stops_on_ctrl_c_or_a_full_disk_with_one_line(mnist_root, monkeypatch, fault, message):
+    def faulty(args):
+        raise fault
+    monkeypatch.setattr(reproduce_results, "reproduce", faulty)
+    monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--data-root", mnist_root])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        reproduce_results.main()
+
+@pytest.mark.parametrize("content", ["{\"metrics\": {\"kl\": ", "null", "{\"checkpoint\": \"x\"}"])
+def test_a_measurement_json_left_broken_is_measured_again(tmp_path, monkeypatch, capsys, content):
+    args = reproduce_results.argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"),
+                                                data_root="data", threads=1)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "m-T1.json").write_text(content, encoding="utf-8")  # cut short, or edited by another tool
+    calls = []
+    monkeypatch.setattr(reproduce_results, "run", lambda args, what, log, script, *rest: calls.append(script) or 1.0)
+    assert reproduce_results.read_json(str(tmp_path / "metrics" / "m-T1.json")) is None
+    reproduce_results.measure(args, "m-T1", "run", [])
+    assert calls == ["sample.py"] and "its JSON is broken" in capsys.readouterr().out
+
+def test_a_runs_folder_that_is_a_file_is_named_before_any_work(command, tmp_path):
+    (tmp_path / "runs").write_text("", encoding="utf-8")
+    refused(command("--runs-dir", tmp_path / "runs", "--section", "results"), f"--runs-dir {tmp_path / 'runs'} is a "
+            "file, not a folder")
+
+def test_a_runs_folder_that_cannot_be_written_is_named_before_any_work(command, tmp_path):
+    (tmp_path / "runs").mkdir()
+    with read_only(tmp_path / "runs"):
+        refused(command("--runs-dir", tmp_path / "runs", "--section", "results"),
+                f"cannot write in the folder '{tmp_path / 'runs'}'", "pass another --runs-dir")
+
+@pytest.mark.parametrize("flags, message", [
+    (["--verify", "fixed-seed1", "--tables"], "--tables and --verify: give one of them"),
+    (["--verify", "fixed-seed1", "--section", "results"], "--verify and --section: give one of them"),
+    (["--tables", "--section", "fixes"], "--tables and --section: give one of them"),
+    (["--verify", "fixed-seed1", "--threads", "2"], "--verify trains with its record's thread count"),
+    (["--verify", "fixed-seed1", "--jobs", "2"], "leave out --threads and --jobs"),
+    (["--jobs", "0"], "argument --jobs: "),
+    (["--verify", ""], "argument --verify: expected a name or a path, got an empty string"),  # an unset variable
+    (["--records-dir", ""], "argument --records-dir: expected a name or a path, got an empty string"),
+    (["--runs-dir", "", "--tables"], "argument --runs-dir: expected a name or a path, got an empty string"),
+    (["--section", "everything"], "argument --section: invalid choice: 'everything'"),
+])
+def test_flags_that_contradict_each_other_or_are_out_of_range_are_refused(command, flags, message):
+    refused(command(*flags), message, code=2)
+
+
+
+DOCUMENT = """# Results
+<!-- table seeds -->
+stale
+<!-- /table -->
+Text that stays.
+<!-- table mechanism -->
+stale
+<!-- /table -->
+"""
+
+
+def test_tables_are_written_from_the_records_pending_where_a_section_is_not_recorded(tmp_path, monkeypatch, capsys):
+    (tmp_path / "samples").mkdir()
+    for document in ("README.md", "samples/README.md"):
+        (tmp_path / document).write_text(DOCUMENT, encoding="utf-8")
+    monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
+    monkeypatch.setattr(reproduce_documents, "figures", dict)
+    write_records(tmp_path / "records", metrics())
+    records = str(tmp_path / "records")
+    assert reproduce_results.write_documents(records, check=True) == 1  # stale tables
+    assert "README.md: its tables differ from what the records give" in capsys.readouterr().out
+    assert reproduce_results.write_documents(records) == 0
+    out = capsys.readouterr().out
+    assert "section mechanism: 24 measurements not recorded yet (ar-random-decoder-seed0-T1" in out
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("# Results\n<!-- table seeds -->\n| metric (per test image), mean ± sd over seeds 0, 1, 2 |")
+    assert "<!-- /table -->\nText that stays.\n<!-- table mechanism -->\n*Pending: measurements not recorded yet " \
+           "(24 of section mechanism);" in text
+    tables = tmp_path / "samples" / "tables"
+    assert (tables / "seed_differences.md").read_text(encoding="utf-8").startswith("| metric | mix-and-match")
+    assert (tables / "mechanism_differences.md").read_text(encoding="utf-8").startswith("*Pending: ")
+    assert reproduce_results.write_documents(records, check=True) == 0  # as the records give
+    edited_by_hand = text.replace("| 74.000 ± 1.000 |", "| 74.001 ± 1.000 |")
+    (tmp_path / "README.md").write_text(edited_by_hand, encoding="utf-8")
+    assert reproduce_results.write_documents(records, check=True) == 1
+    (tmp_path / "README.md").write_text(text + "<!-- table nonsense -->\n<!-- /table -->\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="a table marker of no table of this reproduction: nonsense"):
+        reproduce_results.write_documents(records)
+
+
+def test_the_provenance_counts_the_classifier_that_judged_each_measurement(tmp_path):
+    write_records(tmp_path, {"a-seed0-T1": {"metrics": {}}, "a-seed0-T2": {"metrics": {}},
+                             "b-seed0-T1": {"classifier_accuracy": 0.98, "metrics": {}}})
+    text = reproduce_documents.provenance(reproduce_results.read_records(str(tmp_path)), str(tmp_path))
+    assert "2 runs recorded. " in text and "The digit classifier's test accuracy (measurements): 98.00% (1), " \
+                                           "99.13% (2). " in text

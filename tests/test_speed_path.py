@@ -38,5 +38,5 @@ def test_train_epoch_matches_the_tutorial_pipeline(mnist_root):
     ("tests/gpu_check.py", ["--steps", "0"], "argument --steps: expected a whole number >= 1, got '0'"),
 ])
 def test_the_benchmarks_refuse_a_count_below_one_before_any_work(in_process, tmp_path, script, flags, message):
-    result = in_process(script, *flags, cwd=tmp_path)  # once a StatisticsError traceback after the epochs
+    result = in_process(script, *flags, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -1,9 +1,13 @@
-"""Bad input, second round: files that are whole but wrong, paths, files from elsewhere, numbers at
-and past their limits, interrupts and a full disk during every kind of output. Each case runs a
-script as a user does, in this process (conftest's in_process: a subprocess per case would cost
-the suite a torch import each): it ends in one message and an exit code, never another
-exception, and leaves every file whole; or, where the input is odd but valid, it simply works."""
+"""The tutorial's scripts on input a user gets wrong, run as a user runs them (conftest's
+in_process, which gives the exit code and output a subprocess would): checkpoints and caches whole
+but wrong or of another version, MNIST files that are broken or do not belong together, paths,
+devices, and flags and numbers at and past their limits. Each ends in one message that says what
+to do and an exit code, never another exception; or, where the input is odd but valid, it simply
+works."""
+import gzip
+import json
 import os
+import re
 import shutil
 import struct
 
@@ -11,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import N_TEST, N_TRAIN, refused
-from test_faults import failing_open
+from conftest import METRICS, N_TEST, N_TRAIN, assert_refused, checkpoints_on_disk, refused
+from model import MixAndMatchCVAE
+from utils import (
+    MNIST_FILES,
+    get_device,
+)
 
-METRICS = ["--metrics", "--n-eval", 40, "--n-samples", 3, "--n-importance", 2]
-
-
-# ----------------------------------------------------------------------------- whole but wrong: checkpoints
 
 def broken_copy(path, where, key, value=float("nan")):
     checkpoint = torch.load(path, weights_only=True)
@@ -26,12 +30,10 @@ def broken_copy(path, where, key, value=float("nan")):
     torch.save(checkpoint, path.parent / f"broken_{key}.pth")
     return path.parent / f"broken_{key}.pth"
 
-
 def test_a_checkpoint_holding_a_nan_or_inf_is_refused_by_name_everywhere(user, trained, tmp_path):
     nan_decoder = broken_copy(trained, "model", "data_decoder.3.weight")
     inf_encoder = broken_copy(trained, "model", "data_encoder.0.weight", float("inf"))
     nan_moment = broken_copy(trained, "optimizer", "exp_avg")
-    # before: a blank grid and exit 0; a traceback in --metrics; a resumed epoch, then "diverged"
     refused(user("sample.py", "--checkpoint", nan_decoder, "--out", "g.png"),
             "holds a NaN or infinite value in model.data_decoder.3.weight: it was saved broken")
     refused(user("sample.py", "--checkpoint", inf_encoder, "--out", "g.png", *METRICS),
@@ -41,7 +43,6 @@ def test_a_checkpoint_holding_a_nan_or_inf_is_refused_by_name_everywhere(user, t
                 f"holds a NaN or infinite value in {name}")
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "ck2").exists()
 
-
 def test_a_cached_classifier_holding_a_nan_is_retrained(user, trained, tmp_path):
     user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, check=True)
     cache = tmp_path / "checkpoint" / "digit_classifier.pth"
@@ -50,7 +51,6 @@ def test_a_cached_classifier_holding_a_nan_is_retrained(user, trained, tmp_path)
     torch.save(cached, cache)
     _, out, _ = user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, check=True)
     assert "retraining the digit classifier" in out and "holds a NaN or infinite value" in out
-
 
 @pytest.mark.parametrize("what, make, message", [
     ("an empty file", lambda p: p.write_bytes(b""), "it is truncated or not a checkpoint of this repository"),
@@ -65,7 +65,6 @@ def test_files_from_elsewhere_passed_as_a_checkpoint(user, tmp_path, what, make,
     make(tmp_path / "given.pth")
     refused(user("sample.py", "--checkpoint", "given.pth", "--out", "g.png"), message)
 
-
 def test_checkpoints_of_another_version_of_this_repository(user, trained, tmp_path):
     for edit, script, message in [
             (lambda c: c.pop("alpha"), "sample.py", "holds model weights but no alpha: it was not written by"),
@@ -77,7 +76,6 @@ def test_checkpoints_of_another_version_of_this_repository(user, trained, tmp_pa
         flags = ["--out", "g.png"] if script == "sample.py" else ["--epochs", 2, "--checkpoint-dir", "ck2"]
         refused(user(script, "--checkpoint" if script == "sample.py" else "--resume", "other.pth", *flags), message)
 
-
 def test_an_unreadable_checkpoint_says_so(user, trained, monkeypatch):
     # as root every file is readable, so the permission error torch.load would meet is made here
     def denied(*args, **kwargs):
@@ -86,34 +84,29 @@ def test_an_unreadable_checkpoint_says_so(user, trained, monkeypatch):
     refused(user("sample.py", "--checkpoint", trained, "--out", "g.png"), "cannot read checkpoint")
     refused(user("sample.py", "--checkpoint", trained, "--out", "g.png"), ": Permission denied")
 
-
-# ----------------------------------------------------------------------------- whole but wrong: MNIST
-
 def raw(tmp_path, name):
     return tmp_path / "data" / "MNIST" / "raw" / name
-
 
 def write_array(path, magic, array):
     path.write_bytes(struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes())
 
-
 @pytest.mark.parametrize("case", ["test labels over training labels", "labels file as images", "32 x 32 images",
                                   "labels of 3 dimensions", "a label 12"])
 def test_whole_mnist_files_that_do_not_belong_together(user, trained, tmp_path, case):
-    if case == "test labels over training labels":  # before: an IndexError inside the classifier's training
+    if case == "test labels over training labels":
         shutil.copy(raw(tmp_path, "t10k-labels-idx1-ubyte"), raw(tmp_path, "train-labels-idx1-ubyte"))
         message = (f"train-images-idx3-ubyte ({N_TRAIN} images) and data/MNIST/raw/train-labels-idx1-ubyte "
                    f"({N_TEST} labels) do not belong together")
-    elif case == "labels file as images":  # before: torchvision's ValueError
+    elif case == "labels file as images":
         shutil.copy(raw(tmp_path, "train-labels-idx1-ubyte"), raw(tmp_path, "t10k-images-idx3-ubyte"))
         message = f"t10k-images-idx3-ubyte holds an array of shape ({N_TRAIN},), where 28 x 28 images belong"
-    elif case == "32 x 32 images":  # before: the model's ValueError on the condition's width
+    elif case == "32 x 32 images":
         write_array(raw(tmp_path, "t10k-images-idx3-ubyte"), 2051, np.zeros((N_TEST, 32, 32)))
         message = f"holds an array of shape ({N_TEST}, 32, 32), where 28 x 28 images belong"
     elif case == "labels of 3 dimensions":
         write_array(raw(tmp_path, "train-labels-idx1-ubyte"), 2051, np.zeros((N_TRAIN, 1, 1)))  # 0x803: 3 dims
         message = "where labels (one dimension) belong"
-    else:  # before: a silently wrong classifier accuracy
+    else:
         labels = np.zeros(N_TEST)
         labels[5] = 12
         write_array(raw(tmp_path, "t10k-labels-idx1-ubyte"), 2049, labels)
@@ -121,9 +114,6 @@ def test_whole_mnist_files_that_do_not_belong_together(user, trained, tmp_path, 
     refused(user("train.py", "--epochs", 1, "--checkpoint-dir", "ck2", "--results-dir", "r2"), message)
     refused(user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS), message)
     assert not list(tmp_path.glob("ck2/*"))  # the folder was made when checked, before the data; nothing in it
-
-
-# ----------------------------------------------------------------------------- paths
 
 def test_a_folder_where_a_file_belongs_and_a_file_where_a_folder_belongs(user, trained, tmp_path):
     (tmp_path / "grid.png").mkdir()
@@ -138,7 +128,6 @@ def test_a_folder_where_a_file_belongs_and_a_file_where_a_folder_belongs(user, t
     refused(user("train.py", data=str(trained)), "--data-root '" + str(trained) + "' is a file; pass the folder")
     assert not (tmp_path / "g.png").exists()  # each refused before any work
 
-
 def test_names_with_spaces_and_non_ascii_work(user, tmp_path, mnist_root):
     shutil.copytree(tmp_path / "data", tmp_path / "my data é")
     user("train.py", "--epochs", 1, "--checkpoint-dir", "my run/ck ü", "--results-dir", "my run/résultats",
@@ -152,36 +141,29 @@ def test_names_with_spaces_and_non_ascii_work(user, tmp_path, mnist_root):
     assert code == 1 and "python3 train.py --resume 'my run/ck ü/mix_match_01.pth'" in err
     assert "--data-root 'my data é'" in err
 
-
-# ----------------------------------------------------------------------------- numbers at and past their limits
-
 @pytest.mark.parametrize("script, flag", [("train.py", f) for f in ("--epochs", "--batch-size", "--hidden-dim",
                                                                     "--latent-dim")]
                          + [("sample.py", f) for f in ("--n-images", "--n-samples", "--n-eval", "--n-importance")])
 def test_every_count_flag_at_zero_is_refused(user, script, flag):
     refused(user(script, flag, 0), f"argument {flag}: expected a whole number >= 1, got '0'", code=2)
 
-
 @pytest.mark.parametrize("value", ["-1", "4294967296", "99999999999999999999999"])
 def test_a_seed_outside_what_every_generator_takes_is_refused(user, value):
-    for script in ("train.py", "sample.py"):  # before: numpy's ValueError traceback
+    for script in ("train.py", "sample.py"):
         refused(user(script, "--seed", value), "argument --seed: expected a whole number from 0 to 4294967295",
                 code=2)
 
-
 def test_far_too_large_numbers(user, trained, tmp_path):
-    for flag in ("--hidden-dim", "--latent-dim"):  # before: torch's allocator error
+    for flag in ("--hidden-dim", "--latent-dim"):
         refused(user("train.py", flag, 10 ** 9, "--alpha", 1, "--epochs", 1, "--checkpoint-dir", "ck2"),
                 "does not fit in memory (RuntimeError while allocating its weights); use smaller sizes")
     refused(user("sample.py", "--checkpoint", trained, "--n-images", 10 ** 9), f"--n-images must be at most {N_TEST}",
             code=2)
     refused(user("sample.py", "--checkpoint", trained, *METRICS[:1], "--n-eval", N_TEST),
             f"--n-eval must be at most {N_TEST - 6}: the fidelity measures compare", code=2)
-    # before: a grid of noise and exit 0, or eigh's error in the metrics
     refused(user("sample.py", "--checkpoint", trained, "--out", "g.png", "--temperature", "1e38", *METRICS),
             "the completions are not finite numbers at --temperature 1e+38; use a lower one")
     assert not (tmp_path / "g.png").exists() and not list(tmp_path.glob("ck2/*"))
-
 
 def test_odd_but_valid_numbers_simply_work(user, tmp_path):
     for flags in (["--hidden-dim", 2, "--latent-dim", 1, "--alpha", 1], ["--alpha", 0], ["--alpha", 128],
@@ -193,47 +175,127 @@ def test_odd_but_valid_numbers_simply_work(user, tmp_path):
     user("sample.py", "--checkpoint", "ck/mix_match_01.pth", "--out", "g.png", "--n-samples", 1, "--alpha", 0,
          check=True)  # one completion, no metrics
 
+def strict_json(path):
+    """The file as JSON, refusing NaN and infinities as strict parsers do."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
-# ----------------------------------------------------------------------------- a full disk and Ctrl-C, every output
+def test_caches_an_older_version_wrote_are_rebuilt_with_a_line(user, trained, tmp_path):
+    user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, check=True)
+    classifier = tmp_path / "checkpoint" / "digit_classifier.pth"
+    neighbours = tmp_path / "checkpoint" / "mnist_neighbours.pth"
+    cached = torch.load(classifier, weights_only=True)  # layers named otherwise, same MNIST files
+    cached["model"] = {f"net.{key}": value for key, value in cached["model"].items()}
+    torch.save(cached, classifier)
+    cached = torch.load(neighbours, weights_only=True)  # a neighbours file without today's keys
+    del cached["threshold"]
+    torch.save(cached, neighbours)
+    code, out, err = user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, "--json", "m.json")
+    assert code == 0, err
+    assert ("retraining the digit classifier: checkpoint/digit_classifier.pth does not fit this version of the code "
+            "(RuntimeError") in out
+    assert ("finding the bottom neighbours again: checkpoint/mnist_neighbours.pth does not fit this version of the "
+            "code (KeyError: 'threshold')") in out
+    assert "threshold" in torch.load(neighbours, weights_only=True)  # rebuilt whole
+    _, out, _ = user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, check=True)
+    assert "retraining" not in out and "again" not in out  # and used from then on
+    torch.save([1, 2], neighbours)  # not even a dict
+    _, out, _ = user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, check=True)
+    assert "finding the bottom neighbours again: checkpoint/mnist_neighbours.pth holds a list, not a cache" in out
 
-@pytest.mark.parametrize("output, flags", [
-    ("g.png", []), ("fig.png", ["--figure", "fig.png"]), ("m.json", [*METRICS, "--json", "m.json"]),
-    ("digit_classifier.pth", METRICS), ("mnist_neighbours.pth", METRICS)])
-def test_sample_py_on_a_full_disk_writes_no_half_file(user, trained, tmp_path, monkeypatch, output, flags):
-    monkeypatch.setattr("utils.open", failing_open(lambda p: p.endswith(output + ".tmp"), after_bytes=10),
-                        raising=False)
-    refused(user("sample.py", "--checkpoint", trained, "--out", "g.png", *flags),
-            f"{output}: the disk is full (No space left on device): free space, then run the command again; the "
-            f"files written before it are whole.")
-    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
-    assert not [p for p in written if p.endswith((".tmp", output))], written
+def test_metric_flags_at_their_limits_are_refused_in_one_line_or_give_strict_json(user, trained, tmp_path):
+    for n_eval in (1, 2):
+        for n_samples in (1, 2, 3):
+            for n_importance in (1, 2):
+                flags = ["--n-eval", n_eval, "--n-samples", n_samples, "--n-importance", n_importance]
+                result = user("sample.py", "--checkpoint", trained, "--out", "g.png", "--metrics", *flags,
+                              "--json", "m.json")
+                if n_samples < 2:
+                    refused(result, "--metrics needs --n-samples >= 2", code=2)
+                elif n_eval < 2:
+                    refused(result, "--metrics needs --n-eval >= 2", code=2)
+                elif n_eval * n_samples < 6:
+                    refused(result, "--metrics needs --n-eval x --n-samples >= 6 completions", code=2)
+                else:
+                    assert result[0] == 0, result
+                    assert strict_json(tmp_path / "m.json")["n_eval"] == n_eval
+    for alpha, undefined in [(0, {"diversity_sampling"}), (128, {"diversity_sampling", "diversity_z"})]:
+        code, out, err = user("sample.py", "--checkpoint", trained, "--out", "g.png", "--alpha", alpha, "--metrics",
+                              "--n-eval", 3, "--n-samples", 2, "--n-importance", 1, "--json", "m.json")
+        assert code == 0, err
+        metrics = strict_json(tmp_path / "m.json")["metrics"]
+        assert {key for key, row in metrics.items() if row["model"] is None} == undefined
+        assert f"n/a: alpha {alpha}: the Sampling alone gives no diversity by construction" in out
 
+def test_the_four_gz_files_alone_work_and_a_broken_one_is_named(user, tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    for name in MNIST_FILES:  # gzip'ed here, so not the MD5 of the original download
+        (raw / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
+        (raw / name).unlink()
+    code, out, err = user("train.py", "--epochs", 1, "--checkpoint-dir", "ck", "--results-dir", "res")
+    assert code == 0, err
+    assert f"decompressed {os.path.join('data', 'MNIST', 'raw', MNIST_FILES[0])}.gz" in out
+    (raw / MNIST_FILES[2]).unlink()
+    (raw / f"{MNIST_FILES[2]}.gz").write_bytes(b"not gzip")
+    refused(user("train.py", "--epochs", 1, "--checkpoint-dir", "ck2", "--results-dir", "res"),
+            f"{MNIST_FILES[2]}.gz is there but cannot be decompressed (BadGzipFile): replace it with an intact copy")
 
-@pytest.mark.parametrize("output, epochs, message", [
-    ("args.json", 2, "No checkpoint of this run is on disk yet; start it again."),
-    ("rec_01.png", 2, "No checkpoint of this run is on disk yet; start it again."),
-    ("history.json", 2, "The last complete checkpoint is ck/mix_match_01.pth; continue with"),
-    # after the last epoch: its checkpoint is whole, and --resume would have nothing left to train
-    ("curves.png", 1, ("Training is complete: ck/mix_match_01.pth holds the last epoch, whole; only "
-                      "res/curves.png is missing.")),
-])
-def test_train_py_on_a_full_disk_during_each_output(user, tmp_path, monkeypatch, output, epochs, message):
-    monkeypatch.setattr("utils.open", failing_open(lambda p: p.endswith(output + ".tmp"), after_bytes=10),
-                        raising=False)
-    refused(user("train.py", "--epochs", epochs, "--checkpoint-dir", "ck", "--results-dir", "res"),
-            f"error: res/{output}: the disk is full (No space left on device): free space. {message}")
-    assert not list(tmp_path.glob("*/*.tmp"))
+def test_output_folders_and_files_are_checked_before_any_work(tmp_path, in_process):
+    (tmp_path / "a_file").write_text("", encoding="utf-8")
+    nowhere = tmp_path / "no_data"  # had training or sampling started, this would be the error
+    for flag in ["--checkpoint-dir", "--results-dir"]:
+        result = in_process("train.py", "--data-root", nowhere, flag, "a_file/sub", cwd=tmp_path)
+        assert_refused(result, f"cannot write in the folder 'a_file/sub' (Not a directory); pass another {flag}")
+    for args, message in [(["--out", "results/grid"], "--out 'results/grid': no extension to name its format"),
+                          (["--out", "grid.xyz"], "--out 'grid.xyz': cannot write the format '.xyz'"),
+                          (["--out", "a_file/grid.png"], "cannot write in the folder 'a_file'"),
+                          (["--figure", "fig.bmp2"], "--figure 'fig.bmp2': cannot write the format '.bmp2'"),
+                          (["--figure", "a_file/fig.png"], "cannot write in the folder 'a_file'")]:
+        result = in_process("sample.py", "--data-root", nowhere, "--checkpoint", "missing.pth", *args, cwd=tmp_path)
+        assert_refused(result, message)
+    assert [name for _, _, files in os.walk(tmp_path) for name in files] == ["a_file"]  # nothing was written
 
+@pytest.mark.parametrize("device, message", [("tpu", "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+                                             ("cuda:x", "--device 'cuda:x' is not one of"),
+                                             ("meta", "--device 'meta' is not one of"),
+                                             ("cuda:0", "asked for CUDA, which is not available here")])
+def test_device_strings_get_one_line(device, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        get_device(device)
 
-@pytest.mark.parametrize("step", ["random_shift", "bottom_neighbours", "posterior_draws", "plot_sampling_resampling"])
-def test_ctrl_c_in_each_step_of_sample_py_leaves_every_file_whole(user, trained, tmp_path, monkeypatch, step):
-    # the classifier's training, the neighbours' search, the metrics, the figure
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(f"utils.{step}", interrupted)
-    refused(user("sample.py", "--checkpoint", trained, "--out", "g.png", *METRICS, "--json", "m.json",
-                 "--figure", "fig.png"), "interrupted: the files written so far are whole", code=130)
-    for cache in (tmp_path / "checkpoint").glob("*"):
-        torch.load(cache, weights_only=True)  # whole, if written at all
-    assert not (tmp_path / "m.json").exists() and not list(tmp_path.glob("**/*.tmp"))
-    assert (tmp_path / "g.png").is_file()  # the grid came first, whole
+def test_scripts_refuse_a_bad_device_before_any_work(tmp_path, in_process):
+    for script in ["train.py", "sample.py"]:
+        assert_refused(in_process(script, "--device", "cuda:x", cwd=tmp_path), "is not one of")
+
+def test_resume_refuses_nothing_to_do_and_contradicting_model_flags(tmp_path, train):
+    train("--epochs", "2")
+    before = checkpoints_on_disk(tmp_path / "ck")
+    result = train("--resume", "ck/mix_match_02.pth", "--epochs", "2", check=False)
+    assert_refused(result, "ck/mix_match_02.pth is already at epoch 2, and --epochs is 2: nothing left to train")
+    contradicting = [("--alpha", 10, 64), ("--hidden-dim", 64, 128), ("--latent-dim", 8, 32),
+                     ("--conditioning", "fixed", "mix-and-match"), ("--curriculum-step", 2, 0)]
+    result = train("--resume", "ck/mix_match_01.pth", "--epochs", "3",
+                   *[word for flag, value, _ in contradicting for word in (flag, value)], check=False)
+    assert_refused(result, "a resumed run keeps its checkpoint's model")
+    for flag, value, saved in contradicting:  # each named, with the checkpoint's value
+        assert f"{flag} {value} (the checkpoint has {saved})" in result.stderr
+    assert checkpoints_on_disk(tmp_path / "ck") == before
+
+    # what may change on resume does: --lr, --epochs, the folders; a model flag that agrees is accepted
+    train("--resume", "ck/mix_match_01.pth", "--epochs", "2", "--lr", "3e-4",
+          "--alpha", "64", "--checkpoint-dir", "ck2")
+    resumed = torch.load(tmp_path / "ck2" / "mix_match_02.pth", weights_only=True)
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == 3e-4 and resumed["args"]["lr"] == 3e-4
+
+def test_a_truncated_mnist_file_is_named_not_called_missing(tmp_path, mnist_root, in_process):
+    root = tmp_path / "data"
+    shutil.copytree(mnist_root, root)
+    images = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "tutorial.pth")  # sample.py reads a checkpoint first
+    for script, extra in [("train.py", []), ("sample.py", ["--checkpoint", "tutorial.pth"])]:
+        result = in_process(script, "--data-root", root, "--device", "cpu", *extra, cwd=tmp_path)
+        assert_refused(result, f"the MNIST file {images} is there but unreadable (5000 bytes, its header says")
+        assert "is not under" not in result.stderr
