@@ -52,9 +52,17 @@ def _encoder(in_dim, hidden_dim):
     )
 
 
+class MLPDecoder(nn.Sequential):
+    """The tutorial's decoder: Linear -> BatchNorm1d -> ReLU, then the pixel probabilities (128 ->
+    128 -> 500), every pixel independent given the fusion. Called as every decoder is, with the
+    condition and the true top that it does not need; its layers keep the tutorial's names."""
+
+    def forward(self, fused, condition=None, data=None):
+        return super().forward(fused)  # (B, output_dim)
+
+
 def _decoder(fused_dim, config):
-    # Linear -> BatchNorm1d -> ReLU, then the pixel probabilities (tutorial: 128 -> 128 -> 500)
-    return nn.Sequential(
+    return MLPDecoder(
         nn.Linear(fused_dim, config.hidden_dim), nn.BatchNorm1d(config.hidden_dim), nn.ReLU(),
         nn.Linear(config.hidden_dim, config.output_dim), nn.Sigmoid(),
     )
@@ -85,34 +93,34 @@ class MixAndMatchCVAE(nn.Module):
             self.data_decoder = _decoder(fused_dim, config)  # the tutorial's
         elif config.decoder == "autoregressive":
             self.autoregressive_decoder = AutoregressiveDecoder(fused_dim, config)
-            # a checkpoint of older code holds its layers as data_decoder.* and previous_pixels.weight
-            self.register_load_state_dict_pre_hook(_autoregressive_keys_of_older_code)
         else:  # the paper's decoder
             self.recurrent_decoder = RecurrentDecoder(fused_dim, config)
+        # the curriculum of perturbation's stage in training (paper, section 3.3), which train.py sets
+        # each epoch as it sets model.train(); None: the tutorial's Sampling, as at test time
+        self.curriculum_stage = None
 
-    def sampling(self, alpha, curriculum_stage=None):
+    @property
+    def decoder(self):
+        """The decoder of config.decoder; every one is called decoder(fused, condition, data)."""
+        return getattr(self, {"mlp": "data_decoder", "autoregressive": "autoregressive_decoder",
+                              "recurrent": "recurrent_decoder"}[self.config.decoder])
+
+    def sampling(self, alpha):
         """Sampling (tutorial step 3): a random set I of `alpha` distinct indices out of hidden_dim,
-        and its complement Ī. Drawn from torch's generator, so torch.manual_seed fixes a run.
-
-        At a curriculum stage s (paper, section 3.3) I is the first alpha - s indices of the known
-        part (the first alpha) plus s drawn from the rest; "fixed" conditioning is stage 0."""
+        and its complement Ī. Drawn from torch's generator, so torch.manual_seed fixes a run. In
+        training at a curriculum stage, and always with "fixed" conditioning (stage 0), I is drawn
+        from part of the hidden vector only (curriculum_order)."""
         hidden_dim = self.config.hidden_dim
         if not 0 <= alpha <= hidden_dim:
             raise ValueError(f"alpha must be in 0..{hidden_dim} (a count of hidden units), got {alpha}")
         device = self.mean.weight.device
         if self.config.conditioning == "concat":
             return None, None  # the ordinary CVAE draws nothing
-        if self.config.conditioning == "fixed":
-            curriculum_stage = 0
-        if curriculum_stage is None:
+        stage = 0 if self.config.conditioning == "fixed" else self.curriculum_stage if self.training else None
+        if stage is None:
             order = torch.randperm(hidden_dim, device=device)
         else:
-            if not 0 <= curriculum_stage <= min(alpha, hidden_dim - alpha):
-                raise ValueError(f"curriculum_stage must be in 0..{min(alpha, hidden_dim - alpha)}, "
-                                 f"got {curriculum_stage}")
-            known, rest = torch.arange(alpha, device=device), alpha + torch.randperm(hidden_dim - alpha, device=device)
-            kept = alpha - curriculum_stage  # known indices that stay in I at this stage
-            order = torch.cat([known[:kept], rest[:curriculum_stage], known[kept:], rest[curriculum_stage:]])
+            order = curriculum_order(alpha, hidden_dim, stage, device)
         return order[:alpha], order[alpha:]  # sampled_indices I, complementary_indices Ī
 
     @staticmethod
@@ -143,33 +151,27 @@ class MixAndMatchCVAE(nn.Module):
         # z = mu + sigma * eps keeps the sampling differentiable in mu and logvar
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def decode(self, z, condition_h, sampled_indices, data=None, condition=None, teacher_forcing=1.0):
+    def decode(self, z, condition_h, sampled_indices, data=None, condition=None):
         """Pixel probabilities of the top, (B, output_dim). The expressive decoders are teacher-forced
         with the true top `data` (training, likelihoods) and generate their own without it; the MLP
-        decoder needs no top. The recurrent decoder also reads the `condition`'s pixels next to the
-        top, and is fed the true frame with probability `teacher_forcing`, else its own."""
+        decoder needs no top, and the recurrent one also reads the `condition`'s pixels next to it."""
         # the decoder sees the condition at I and the lifted latent at the complement Ī
         fused = self.combine(condition_h, self.decode_latent(z), sampled_indices)
-        if self.config.decoder == "mlp":
-            return self.data_decoder(fused)
-        if self.config.decoder == "autoregressive":
-            return self.autoregressive_decoder(fused, data)
-        return self.recurrent_decoder(fused, condition, data, teacher_forcing)
+        return self.decoder(fused, condition, data)
 
-    def forward(self, data, condition, alpha, curriculum_stage=None, teacher_forcing=1.0, sampled_indices=None):
-        """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar). The
-        reconstruction of the expressive decoders is teacher-forced with `data` (the recurrent one's
-        with probability `teacher_forcing` per frame). A fresh Sampling unless sampled_indices are
+    def forward(self, data, condition, alpha, sampled_indices=None):
+        """One Sampling shared by encoder and decoder; returns (reconstruction, mu, logvar), the
+        expressive decoders' teacher-forced with `data`. A fresh Sampling unless sampled_indices are
         given (train.py draws it before the step it may compile, which then takes I as data)."""
         self._check_width(data, self.config.input_dim, "data")
         self._check_width(condition, self.config.condition_dim, "condition")
         if sampled_indices is None:
-            sampled_indices, _ = self.sampling(alpha, curriculum_stage)
+            sampled_indices, _ = self.sampling(alpha)
         # one condition representation feeds both Resamplings (and updates BatchNorm once a step)
         condition_h = self.condition_encoder(condition)  # (B, hidden_dim)
         mu, logvar = self.encode(data, condition_h, sampled_indices)
         z = self.reparameterize(mu, logvar)
-        return self.decode(z, condition_h, sampled_indices, data, condition, teacher_forcing), mu, logvar
+        return self.decode(z, condition_h, sampled_indices, data, condition), mu, logvar
 
     @torch.no_grad()
     def sample(self, condition, alpha, z=None, temperature=1.0, sampled_indices=None):
@@ -210,7 +212,7 @@ class AutoregressiveDecoder(nn.Module):
         with torch.no_grad():
             self.previous_pixels.weight.mul_(self.causal_mask)  # the entries never used stay zero
 
-    def forward(self, fused, data=None):
+    def forward(self, fused, condition=None, data=None):
         """(B, output_dim) probabilities: teacher-forced with the true top `data`, else generated."""
         logits = self.mlp[:-1](fused)  # (B, output_dim), before the Sigmoid
         weight = self.previous_pixels.weight * self.causal_mask  # no gradient reaches pixel i or later
@@ -231,11 +233,15 @@ class AutoregressiveDecoder(nn.Module):
         return top
 
 
-def _autoregressive_keys_of_older_code(module, state_dict, prefix, *args):
-    """Before AutoregressiveDecoder, its layers were the model's data_decoder and previous_pixels."""
-    for key in [key for key in state_dict if key.startswith((f"{prefix}data_decoder.", f"{prefix}previous_pixels."))]:
-        state_dict[f"{prefix}autoregressive_decoder.{key[len(prefix):].replace('data_decoder.', 'mlp.')}"] = \
-            state_dict.pop(key)
+def curriculum_order(alpha, hidden_dim, stage, device):
+    """The hidden indices in the order Sampling takes I from at a curriculum stage s (paper, section
+    3.3): the first alpha - s of the known part (the first alpha indices), s drawn from the rest,
+    then the others. Stage 0 is the fixed split; "fixed" conditioning is always at it."""
+    if not 0 <= stage <= min(alpha, hidden_dim - alpha):
+        raise ValueError(f"curriculum_stage must be in 0..{min(alpha, hidden_dim - alpha)}, got {stage}")
+    known, rest = torch.arange(alpha, device=device), alpha + torch.randperm(hidden_dim - alpha, device=device)
+    kept = alpha - stage  # known indices that stay in I at this stage
+    return torch.cat([known[:kept], rest[:stage], known[kept:], rest[stage:]])
 
 
 def drop_history(history, p):
@@ -273,11 +279,19 @@ class RecurrentDecoder(nn.Module):
                                                                                            config.hidden_dim)
         self.gru = nn.GRU(FRAME, config.hidden_dim, batch_first=True)
         self.frame = nn.Linear(config.hidden_dim, FRAME)  # a frame's pixel logits from the state
+        # teacher forcing in training, which train.py sets each epoch (set_teacher_forcing): the
+        # probability of being fed the true row, a tensor that a compiled step reads as data
+        self.register_buffer("teacher_forcing", torch.ones(()), persistent=False)
+        self.always_true_rows = True  # the probability is 1: one GRU call, no draw
 
-    def forward(self, fused, condition, data=None, teacher_forcing=1.0):
-        """(B, output_dim) probabilities. Teacher-forced (data given, teacher_forcing 1) in one GRU
-        call; else row by row, each step fed the true frame with probability teacher_forcing
-        and otherwise its own output (always, without data)."""
+    def set_teacher_forcing(self, probability):
+        self.teacher_forcing.fill_(probability)
+        self.always_true_rows = probability == 1
+
+    def forward(self, fused, condition, data=None):
+        """(B, output_dim) probabilities. Teacher-forced (data given) in one GRU call; in training
+        below a teacher forcing of 1, row by row, each step fed the true frame with that
+        probability and otherwise its own output; without data, always its own."""
         state = self.initial_state(fused)[None].contiguous()  # (1, B, hidden_dim): h_z
         first = condition[:, self.shared:self.shared + FRAME]  # (B, FRAME): row 18
         if data is None:
@@ -287,14 +301,12 @@ class RecurrentDecoder(nn.Module):
         inputs = frames[:, :-1]  # (B, rows, FRAME)
         if self.training and self.history_dropout:  # the rows the decoder made, not the condition's row 18
             inputs = torch.cat([inputs[:, :1], drop_history(inputs[:, 1:], self.history_dropout)], 1)
-        # a tensor holds a probability below 1 as data: a compiled step (train.py --compile) then
-        # serves every epoch of the schedule, where a number would be compiled in as a constant
-        if not torch.is_tensor(teacher_forcing) and teacher_forcing == 1:
+        if self.always_true_rows or not self.training:
             states, _ = self.gru(inputs, state)  # (B, rows, hidden_dim)
             return self.to_top(torch.sigmoid(self.frame(states)))
         # scheduled sampling (Bengio et al. 2015), as the paper trains: per image and frame, the true
         # frame with probability teacher_forcing, else the decoder's own output
-        true_fed = torch.rand(inputs.shape[:2], device=inputs.device) < teacher_forcing  # (B, rows)
+        true_fed = torch.rand(inputs.shape[:2], device=inputs.device) < self.teacher_forcing  # (B, rows)
         return self.unroll(state, first, condition[:, :self.shared], inputs, true_fed)
 
     def unroll(self, state, frame, shared_pixels, true_frames=None, true_fed=None):

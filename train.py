@@ -68,34 +68,57 @@ CURVES_EVERY_S = 30
 
 
 def main():
+    parser = make_parser()
+    args = parser.parse_args()
+    # everything a user can get wrong is checked here, before data is loaded or an epoch trained
+    set_seed(args.seed)
+    device = setup_device(args)
+    model, checkpoint = load_resumable(args.resume, device) if args.resume else (None, None)
+    check_flags(parser, args, checkpoint)
+    # SIGTERM (a cluster's scheduler, `kill`) stops training like Ctrl-C: between whole files
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    # a second train.py writing into the same folder would interleave its checkpoints with this one's
+    with process_lock(os.path.join(args.checkpoint_dir, "train.lock")) as holder:
+        if holder:
+            raise SystemExit(f"error: another train.py ({holder}) is writing checkpoints in "
+                             f"{args.checkpoint_dir!r}; wait for it to end, or pass another --checkpoint-dir")
+        fit(parser, args, device, model, checkpoint)
+
+
+def make_parser():
+    """The flags, each with the tutorial's value as its default (TUTORIAL, for the flags a resumed
+    run takes from its checkpoint)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=positive_int, default=50, help="train until this epoch (default: 50)")
-    parser.add_argument("--batch-size", type=positive_int, help="at least 2, for BatchNorm (default: 128)")
-    parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default: 1e-4)")
-    parser.add_argument("--alpha", type=int, help="Sampling: how many of the hidden_dim indices form I (default: 64)")
-    parser.add_argument("--hidden-dim", type=positive_int, help="(default: 128)")
-    parser.add_argument("--latent-dim", type=positive_int, help="(default: 32)")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help=f"at least 2, for BatchNorm (default: {TUTORIAL['batch_size']})")
+    parser.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default: {TUTORIAL['lr']:g})")
+    parser.add_argument("--alpha", type=int,
+                        help=f"Sampling: how many of the hidden_dim indices form I (default: {TUTORIAL['alpha']})")
+    parser.add_argument("--hidden-dim", type=positive_int, help=f"(default: {TUTORIAL['hidden_dim']})")
+    parser.add_argument("--latent-dim", type=positive_int, help=f"(default: {TUTORIAL['latent_dim']})")
     parser.add_argument("--conditioning", choices=CONDITIONINGS,
                         help="mix-and-match: a random I per pass (the paper's); fixed: I = the first alpha "
                              "indices, the paper's deterministic split; concat: the ordinary CVAE, no Sampling "
-                             "(default: mix-and-match)")
+                             f"(default: {TUTORIAL['conditioning']})")
     parser.add_argument("--decoder", choices=DECODERS,
                         help="mlp: the tutorial's; autoregressive: each top pixel also sees the pixels before "
                              "it; recurrent: the paper's GRU over image rows, its initial state the fusion "
-                             "(default: mlp)")
+                             f"(default: {TUTORIAL['decoder']})")
     parser.add_argument("--teacher-forcing-epochs", type=int, metavar="N",
                         help="recurrent decoder: the probability of feeding the true previous row falls "
                              f"linearly from 1 to 0 over N epochs, then it is fed its own; 0 = always the true "
                              f"one (default: {TEACHER_FORCING_EPOCHS} with --decoder recurrent, else 0)")
     parser.add_argument("--history-dropout", type=float, metavar="P",
                         help="autoregressive and recurrent decoders: in training, each previous pixel or row "
-                             "they are fed is zeros with probability P (Bowman et al. 2016) (default: 0)")
+                             "they are fed is zeros with probability P (Bowman et al. 2016) "
+                             f"(default: {TUTORIAL['history_dropout']:g})")
     parser.add_argument("--free-bits", type=float, metavar="LAMBDA",
                         help="train on max(LAMBDA, KL) per latent unit, the KL averaged over the batch (Kingma "
-                             "et al. 2016), in nats; 0 = the tutorial's loss (default: 0)")
+                             f"et al. 2016), in nats; 0 = the tutorial's loss (default: {TUTORIAL['free_bits']:g})")
     parser.add_argument("--curriculum-step", type=int, metavar="N",
                         help="curriculum of perturbation (paper, section 3.3): stage floor(e / N) at "
-                             "epoch e (from 0); 0 = off, the tutorial (default: 0)")
+                             f"epoch e (from 0); 0 = off, the tutorial (default: {TUTORIAL['curriculum_step']})")
     parser.add_argument("--compile", action="store_true",
                         help="compile the training step (forward, loss and backward; Adam stays eager) with "
                              "torch.compile before the first epoch: faster on a CPU and on a GPU, and it rounds "
@@ -110,12 +133,11 @@ def main():
                              "sizes, --conditioning, --decoder, --curriculum-step, --teacher-forcing-epochs, "
                              "--history-dropout, --free-bits), and --lr and --batch-size unless given, come "
                              "from it")
-    args = parser.parse_args()
+    return parser
 
-    # everything a user can get wrong is checked here, before data is loaded or an epoch trained
-    set_seed(args.seed)
-    device = setup_device(args)
-    model, checkpoint = load_resumable(args.resume, device) if args.resume else (None, None)
+
+def check_flags(parser, args, checkpoint):
+    """The flags resolved (resolve_run_flags) and checked, and the folders tried, before any work."""
     resolve_run_flags(args, checkpoint)
     if not 0 <= args.alpha <= args.hidden_dim:
         parser.error(f"--alpha must be in 0..{args.hidden_dim} (--hidden-dim), got {args.alpha}")
@@ -135,88 +157,84 @@ def main():
                          f"{args.epochs}: nothing left to train. Pass --epochs with a larger number.")
     writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     writable_dir(args.results_dir, "--results-dir")
-    # SIGTERM (a cluster's scheduler, `kill`) stops training like Ctrl-C: between whole files
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
 
-    # a second train.py writing into the same folder would interleave its checkpoints with this one's
-    with process_lock(os.path.join(args.checkpoint_dir, "train.lock")) as holder:
-        if holder:
-            raise SystemExit(f"error: another train.py ({holder}) is writing checkpoints in "
-                             f"{args.checkpoint_dir!r}; wait for it to end, or pass another --checkpoint-dir")
-        epoch, last_checkpoint = None, args.resume  # for the messages below
-        try:
-            train_images, _ = load_mnist(args.data_root, train=True, device=device)
-            test_images, _ = load_mnist(args.data_root, train=False, device=device)
-            if checkpoint:
-                start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
-            else:
-                config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim,
-                                     conditioning=args.conditioning, decoder=args.decoder,
-                                     history_dropout=args.history_dropout)
-                model, start_epoch, step, history = build_model(config, device), 1, 0, []
-            # fused: one kernel updates all parameters; the default per-parameter loop costs more than
-            # this small model's arithmetic on a CPU (tests/bench_train.py)
-            optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
-            if checkpoint:
-                restore_training_state(checkpoint, optimizer, args.lr, device)
-                print(f"resuming {args.resume} after epoch {checkpoint['epoch']} (step {step})")
-            if len(train_images) % args.batch_size == 1:
-                print(f"note: {len(train_images)} training images leave a last batch of one image, which BatchNorm "
-                      f"cannot train on; it is skipped each epoch")
 
-            step_loss = compiled_batch_loss(model, train_images, args, start_epoch) if args.compile else batch_loss
-            save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
-            sampling = "no Sampling" if args.conditioning == "concat" else f"alpha {args.alpha}"
-            print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, {sampling}, {args.conditioning} "
-                  f"conditioning, {args.decoder} decoder, curriculum step {args.curriculum_step or 'off'}"
-                  + (f", teacher forcing over {args.teacher_forcing_epochs} epochs"
-                     if args.teacher_forcing_epochs else "")
-                  + (f", history dropout {args.history_dropout:g}" if args.history_dropout else "")
-                  + (f", free bits {args.free_bits:g}" if args.free_bits else ""))
-            curves_drawn = time.time()
-            for epoch in range(start_epoch, args.epochs + 1):
-                t0 = time.time()
-                stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
-                teacher_forcing = teacher_forcing_probability(epoch, args.teacher_forcing_epochs)
-                rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage,
-                                            teacher_forcing, args.free_bits, step_loss)
-                test_loss = evaluate(model, test_images, args.alpha)  # with the Sampling used at test time
-                if not all(map(math.isfinite, (rec, kl, test_loss))) or not is_finite(model):
-                    stop(1, f"error: training diverged in epoch {epoch} (train BCE {rec:.4g}, KL {kl:.4g}, test loss "
-                            f"{test_loss:.4g}); no checkpoint was written for it. "
-                            + how_to_continue(parser, args, last_checkpoint, diverged=True))
-                record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
-                          "test_loss": test_loss, "curriculum_stage": stage, "teacher_forcing": teacher_forcing,
-                          "seconds": time.time() - t0}
-                history.append(record)
-                with signals_deferred():  # Ctrl-C waits for this epoch's files, so that the message can name them
-                    save_reconstructions(model, test_images[:100], args.alpha,
-                                         os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
-                    path = checkpoint_path(args, epoch)
-                    save_checkpoint(path, model, optimizer, args.alpha, epoch, step, args,
-                                    curriculum_step=args.curriculum_step, history=history)
-                    last_checkpoint = path
-                    save_json(history, os.path.join(args.results_dir, "history.json"))
-                    if epoch == args.epochs or time.time() - curves_drawn >= CURVES_EVERY_S:
-                        plot_history({args.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
-                        curves_drawn = time.time()
-                print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
-                      f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
-                      + ("" if stage is None else f" | curriculum stage {stage}")
-                      + (f" | teacher forcing {teacher_forcing:.2f}" if args.teacher_forcing_epochs else ""),
-                      flush=True)
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through raise_keyboard_interrupt
-            signum = e.args[0] if e.args else signal.SIGINT
-            where = "before training started" if epoch is None else f"in epoch {epoch}"
-            stop(128 + signum, f"interrupted ({signal.Signals(signum).name}) {where}. "
-                               f"{how_to_continue(parser, args, last_checkpoint)}")
-        except OSError as e:  # a full disk, or a folder removed while training; atomic writes leave no half file
-            # only a figure, after the last checkpoint, failed
-            if epoch == args.epochs and last_checkpoint == checkpoint_path(args, epoch):
-                stop(1, f"error: {explain_os_error(e)}. Training is complete: {last_checkpoint} holds the last "
-                        f"epoch, whole; only {e.filename} is missing.")
-            stop(1, f"error: {explain_os_error(e)}. {how_to_continue(parser, args, last_checkpoint)}")
+def fit(parser, args, device, model, checkpoint):
+    """Train from scratch or on from the checkpoint to --epochs, each epoch's files written whole;
+    Ctrl-C, SIGTERM, a divergence or a full disk end in one line that says how to continue."""
+    epoch, last_checkpoint = None, args.resume  # for the messages below
+    try:
+        train_images, _ = load_mnist(args.data_root, train=True, device=device)
+        test_images, _ = load_mnist(args.data_root, train=False, device=device)
+        if checkpoint:
+            start_epoch, step, history = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["history"]
+        else:
+            config = ModelConfig(hidden_dim=args.hidden_dim, latent_dim=args.latent_dim,
+                                 conditioning=args.conditioning, decoder=args.decoder,
+                                 history_dropout=args.history_dropout)
+            model, start_epoch, step, history = build_model(config, device), 1, 0, []
+        # fused: one kernel updates all parameters; the default per-parameter loop costs more than
+        # this small model's arithmetic on a CPU (tests/bench_train.py)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+        if checkpoint:
+            restore_training_state(checkpoint, optimizer, args.lr, device)
+            print(f"resuming {args.resume} after epoch {checkpoint['epoch']} (step {step})")
+        if len(train_images) % args.batch_size == 1:
+            print(f"note: {len(train_images)} training images leave a last batch of one image, which BatchNorm "
+                  f"cannot train on; it is skipped each epoch")
 
+        step_loss = compiled_batch_loss(model, train_images, args, start_epoch) if args.compile else batch_loss
+        save_json(vars(args), os.path.join(args.results_dir, "args.json"), indent=2)
+        sampling = "no Sampling" if args.conditioning == "concat" else f"alpha {args.alpha}"
+        print(f"{sum(p.numel() for p in model.parameters())} parameters, {device}, {sampling}, {args.conditioning} "
+              f"conditioning, {args.decoder} decoder, curriculum step {args.curriculum_step or 'off'}"
+              + (f", teacher forcing over {args.teacher_forcing_epochs} epochs"
+                 if args.teacher_forcing_epochs else "")
+              + (f", history dropout {args.history_dropout:g}" if args.history_dropout else "")
+              + (f", free bits {args.free_bits:g}" if args.free_bits else ""))
+        curves_drawn = time.time()
+        for epoch in range(start_epoch, args.epochs + 1):
+            t0 = time.time()
+            stage = curriculum_stage(epoch, args.curriculum_step, args.alpha, args.hidden_dim)
+            teacher_forcing = teacher_forcing_probability(epoch, args.teacher_forcing_epochs)
+            rec, kl, step = train_epoch(model, optimizer, train_images, args.batch_size, args.alpha, step, stage,
+                                        teacher_forcing, args.free_bits, step_loss)
+            test_loss = evaluate(model, test_images, args.alpha)  # with the Sampling used at test time
+            if not all(map(math.isfinite, (rec, kl, test_loss))) or not is_finite(model):
+                stop(1, f"error: training diverged in epoch {epoch} (train BCE {rec:.4g}, KL {kl:.4g}, test loss "
+                        f"{test_loss:.4g}); no checkpoint was written for it. "
+                        + how_to_continue(parser, args, last_checkpoint, diverged=True))
+            record = {"epoch": epoch, "train_rec": rec, "train_kl": kl, "kl_weight": anneal_weight(step),
+                      "test_loss": test_loss, "curriculum_stage": stage, "teacher_forcing": teacher_forcing,
+                      "seconds": time.time() - t0}
+            history.append(record)
+            with signals_deferred():  # Ctrl-C waits for this epoch's files, so that the message can name them
+                save_reconstructions(model, test_images[:100], args.alpha,
+                                     os.path.join(args.results_dir, f"rec_{epoch:02d}.png"))
+                path = checkpoint_path(args, epoch)
+                save_checkpoint(path, model, optimizer, args.alpha, epoch, step, args,
+                                curriculum_step=args.curriculum_step, history=history)
+                last_checkpoint = path
+                save_json(history, os.path.join(args.results_dir, "history.json"))
+                if epoch == args.epochs or time.time() - curves_drawn >= CURVES_EVERY_S:
+                    plot_history({args.conditioning: history}, os.path.join(args.results_dir, "curves.png"))
+                    curves_drawn = time.time()
+            print(f"epoch {epoch:2d} | rec {rec:7.2f} | kl {kl:6.2f} | kl weight {record['kl_weight']:.3f} "
+                  f"| test loss {test_loss:7.2f} | {record['seconds']:5.1f} s"
+                  + ("" if stage is None else f" | curriculum stage {stage}")
+                  + (f" | teacher forcing {teacher_forcing:.2f}" if args.teacher_forcing_epochs else ""),
+                  flush=True)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through raise_keyboard_interrupt
+        signum = e.args[0] if e.args else signal.SIGINT
+        where = "before training started" if epoch is None else f"in epoch {epoch}"
+        stop(128 + signum, f"interrupted ({signal.Signals(signum).name}) {where}. "
+                           f"{how_to_continue(parser, args, last_checkpoint)}")
+    except OSError as e:  # a full disk, or a folder removed while training; atomic writes leave no half file
+        # only a figure, after the last checkpoint, failed
+        if epoch == args.epochs and last_checkpoint == checkpoint_path(args, epoch):
+            stop(1, f"error: {explain_os_error(e)}. Training is complete: {last_checkpoint} holds the last "
+                    f"epoch, whole; only {e.filename} is missing.")
+        stop(1, f"error: {explain_os_error(e)}. {how_to_continue(parser, args, last_checkpoint)}")
 
 def checkpoint_path(args, epoch):
     return os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth")
@@ -325,11 +343,10 @@ def teacher_forcing_probability(epoch, teacher_forcing_epochs):
     return max(0.0, 1 - (epoch - 1) / teacher_forcing_epochs)
 
 
-def batch_loss(model, data, condition, alpha, sampled_indices, kl_weight, teacher_forcing, free_bits):
+def batch_loss(model, data, condition, alpha, sampled_indices, kl_weight, free_bits):
     """The training loss of one batch for one Sampling I, BCE + kl_weight * KL (free bits, where
     asked, in place of the KL), with the two terms; what --compile compiles."""
-    reconstruction, mu, logvar = model(data, condition, alpha, teacher_forcing=teacher_forcing,
-                                       sampled_indices=sampled_indices)
+    reconstruction, mu, logvar = model(data, condition, alpha, sampled_indices)
     bce, kl = loss_terms(reconstruction, data, mu, logvar)
     objective = free_bits_kl(mu, logvar, free_bits) if free_bits else kl
     return bce + kl_weight * objective, bce, kl
@@ -339,7 +356,7 @@ def compiled_batch_loss(model, images, args, start_epoch, mode="default"):
     """batch_loss compiled (--compile), and compiled here, before the first epoch, for each case
     the run will meet: each batch size (the last batch may be smaller) and the recurrent decoder's
     teacher forcing, whole or scheduled. The KL weight, the Sampling and the scheduled probability
-    reach it as tensors, so no epoch recompiles (tests/test_compile.py counts the graphs). It
+    (the decoder's buffer) reach it as tensors, so no epoch recompiles (tests/test_compile.py counts the graphs). It
     compiles on a copy of the model with the generators forked, so that the run draws and trains
     what it would have; a platform that cannot compile ends here, in one line. `mode` is
     torch.compile's; tests/bench_train.py also tries "reduce-overhead" (CUDA graphs) on a GPU."""
@@ -361,9 +378,10 @@ def compiled_batch_loss(model, images, args, start_epoch, mode="default"):
             copy = deepcopy(model).train()
             for size, whole in itertools.product(sizes, forcings):
                 data, condition = split_image(images[:size])
-                teacher_forcing = 1.0 if whole else torch.tensor(0.5, device=images.device)
+                if args.decoder == "recurrent":
+                    copy.recurrent_decoder.set_teacher_forcing(1.0 if whole else 0.5)
                 loss = compiled(copy, data, condition, args.alpha, copy.sampling(args.alpha)[0],
-                                torch.tensor(0.5, device=images.device), teacher_forcing, args.free_bits)[0]
+                                torch.tensor(0.5, device=images.device), args.free_bits)[0]
                 loss.backward()
     except Exception as e:  # noqa: BLE001 (Inductor's errors have no common type; each means: this platform cannot)
         detail = (str(e).strip().splitlines() or ["no detail"])[0][:300]  # the rest is torch's advice on debugging
@@ -384,6 +402,11 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     KL per image, step). The KL returned is the true one, also when free bits changes the loss.
     step_loss is batch_loss, or batch_loss compiled (--compile, compiled_batch_loss)."""
     model.train()
+    # the epoch's place in the schedules, set as model.train() is: the Sampling's curriculum stage,
+    # and the recurrent decoder's teacher forcing
+    model.curriculum_stage = curriculum_stage
+    if model.config.decoder == "recurrent":
+        model.recurrent_decoder.set_teacher_forcing(teacher_forcing)
     rec_sum = kl_sum = 0.0
     trained = 0
     # a DataLoader over the indices shuffles with the same generator draws as the tutorial's
@@ -394,16 +417,13 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     order = to_device(torch.cat(list(DataLoader(range(len(images)), batch_size=batch_size, shuffle=True))), images)
     # only a last batch can hold a single image: main() has said it is skipped
     batches = [indices for indices in order.split(batch_size) if len(indices) > 1]
-    # the KL weight is annealed per step, not per epoch: the epoch's weights, and a teacher-forcing
-    # probability below 1, reach the steps as tensors, each in one copy, data that a compiled step
-    # reads where a number would be compiled in as a constant
+    # the KL weight is annealed per step, not per epoch: the epoch's weights reach the steps as one
+    # tensor, in one copy, data that a compiled step reads where a number would be compiled in
     kl_weights = to_device(torch.tensor([anneal_weight(s) for s in range(step, step + len(batches))]), images)
-    if teacher_forcing != 1:
-        teacher_forcing = to_device(torch.tensor(teacher_forcing), images)
     for indices, kl_weight in zip(batches, kl_weights):
         data, condition = split_image(images.index_select(0, indices))  # faster than images[indices]
-        sampled_indices, _ = model.sampling(alpha, curriculum_stage)  # drawn as forward would, first
-        loss, bce, kl = step_loss(model, data, condition, alpha, sampled_indices, kl_weight, teacher_forcing, free_bits)
+        sampled_indices, _ = model.sampling(alpha)  # drawn as forward would, first
+        loss, bce, kl = step_loss(model, data, condition, alpha, sampled_indices, kl_weight, free_bits)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -102,9 +102,9 @@ def test_train_epoch_keeps_every_tensor_on_the_data_device(config, teacher_forci
     # the whole epoch ran: three batches (128, 128, 44) of forward, backward and Adam, then .item()
     assert recorder.ops.count("aten.binary_cross_entropy_backward.default") == 3
     assert recorder.ops[-1] in ITEM
-    # copies to the device once in the whole epoch, none per step: the shuffled order of its images,
-    # the KL weights of its steps and, on a schedule, the probability of the true row
-    assert recorder.transfers == ["aten._to_copy.default"] * (2 if teacher_forcing == 1 else 3)
+    # copies to the device once in the whole epoch, none per step: the shuffled order of its images
+    # and the KL weights of its steps
+    assert recorder.transfers == ["aten._to_copy.default"] * 2
 
 
 def test_evaluation_reads_its_loss_once_after_every_batch():

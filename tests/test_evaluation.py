@@ -35,7 +35,8 @@ def test_fixed_conditioning_always_takes_the_first_alpha_indices():
     for _ in range(3):
         sampled, complementary = model.sampling(64)
         assert sampled.tolist() == list(range(64)) and sorted(complementary.tolist()) == list(range(64, 128))
-    assert torch.equal(model.sampling(64, curriculum_stage=5)[0], torch.arange(64))  # no curriculum either
+    model.curriculum_stage = 5  # in training, at a stage of the curriculum: no curriculum either
+    assert torch.equal(model.sampling(64)[0], torch.arange(64))
 
 
 def test_unknown_conditioning_or_decoder_is_refused():
@@ -48,12 +49,14 @@ def test_unknown_conditioning_or_decoder_is_refused():
 @pytest.mark.parametrize("stage", [0, 1, 10, 31])
 def test_curriculum_sets_keep_alpha_minus_s_known_indices(stage):
     model = MixAndMatchCVAE()
-    draws = [set(model.sampling(64, curriculum_stage=stage)[0].tolist()) for _ in range(4)]
+    model.curriculum_stage = stage  # as train.py sets it each epoch
+    draws = [set(model.sampling(64)[0].tolist()) for _ in range(4)]
     for sampled in draws:
         assert len(sampled) == 64
         assert {i for i in sampled if i < 64} == set(range(64 - stage))  # the known part's first alpha - s
         assert len({i for i in sampled if i >= 64}) == stage  # s drawn from the rest
     assert stage == 0 or len({frozenset(s) for s in draws}) > 1
+    assert model.eval().sampling(64)[0].tolist() != list(range(64))  # at test time, the tutorial's Sampling
 
 
 def test_curriculum_schedule():
@@ -284,6 +287,7 @@ def test_one_pass_of_the_classifier_gives_its_log_probabilities_and_its_features
     torch.manual_seed(0)
     classifier, images = digit_classifier().eval(), torch.rand(50, 784)
     log_probs, features = classifier_outputs(classifier, images, batch_size=20)  # batches of 20, 20 and 10
-    with torch.no_grad():  # the whole network, as sample.py once ran it a second time for the features
-        assert torch.equal(log_probs, torch.log_softmax(classifier(images), dim=1))
+    with torch.no_grad():  # the whole network on the same batches (another batch size may round otherwise)
+        assert torch.equal(log_probs, torch.cat([torch.log_softmax(classifier(batch), dim=1)
+                                                 for batch in images.split(20)]))
     assert torch.equal(features, classifier_features(classifier, images, batch_size=20))

@@ -154,14 +154,3 @@ def test_a_checkpoint_from_before_the_decoder_flag_resumes_as_mlp():
                                  "decoder": "autoregressive"})
     with pytest.raises(SystemExit, match=r"--decoder autoregressive \(the checkpoint has mlp\)"):
         resolve_run_flags(args, checkpoint)
-
-
-def test_an_autoregressive_checkpoint_of_older_code_loads_into_its_own_module():
-    """Before AutoregressiveDecoder, its layers were the model's data_decoder.* and previous_pixels."""
-    state = autoregressive().state_dict()
-    older = {key.replace("autoregressive_decoder.mlp.", "data_decoder.").replace("autoregressive_decoder.", ""): value
-             for key, value in state.items()}
-    assert "previous_pixels.weight" in older and "data_decoder.3.weight" in older
-    model = MixAndMatchCVAE(ModelConfig(decoder="autoregressive"))
-    model.load_state_dict(older, strict=True)
-    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())

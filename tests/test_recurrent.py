@@ -90,14 +90,20 @@ def test_the_schedule_feeds_true_rows_with_its_probability():
     model = recurrent()
     z, condition_h, sampled, condition = decoder_inputs(model)
     data = torch.rand(6, 500)
+    model.train()  # the schedule is training's; the decoder's layers have no BatchNorm or dropout to change
+
+    def scheduled(probability):  # as train.py sets it each epoch
+        model.recurrent_decoder.set_teacher_forcing(probability)
+        return model.decode(z, condition_h, sampled, data, condition)
     with torch.no_grad():
-        forced = model.decode(z, condition_h, sampled, data, condition)
+        forced = scheduled(1.0)
         generated = model.decode(z, condition_h, sampled, condition=condition)
-        assert torch.allclose(model.decode(z, condition_h, sampled, data, condition, 1 - 1e-9), forced, atol=1e-6)
-        assert torch.allclose(model.decode(z, condition_h, sampled, data, condition, 0.0), generated, atol=1e-6)
-        mixed = model.decode(z, condition_h, sampled, data, condition, 0.5)
+        assert torch.allclose(scheduled(1 - 1e-9), forced, atol=1e-6)
+        assert torch.allclose(scheduled(0.0), generated, atol=1e-6)
+        mixed = scheduled(0.5)
         assert not torch.allclose(mixed, forced, atol=1e-4) and not torch.allclose(mixed, generated, atol=1e-4)
         assert torch.allclose(mixed[:, rows_from(17)], forced[:, rows_from(17)])  # row 17 is fed row 18 either way
+        assert torch.equal(model.eval().decode(z, condition_h, sampled, data, condition), forced)  # tested forced
 
 
 @pytest.mark.parametrize("epoch, n, expected", [(1, 25, 1.0), (2, 25, 0.96), (13, 25, 0.52), (25, 25, 0.04),
