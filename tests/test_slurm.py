@@ -218,3 +218,13 @@ def test_a_job_array_the_scheduler_refuses_is_one_line_with_its_reason(reproduct
     code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "no-such-partition")
     refused((code, out, err), "error: SLURM refused the job array (", "artition", "nothing more was submitted")
     assert "Traceback" not in err
+
+
+def test_a_file_where_the_tasks_logs_go_is_named_before_any_submission(reproduction, monkeypatch, tmp_path):
+    plan(monkeypatch, TINY, TINY_MEASURES)
+    (tmp_path / "local" / "runs").mkdir(parents=True)
+    (tmp_path / "local" / "runs" / "slurm").write_text("", encoding="utf-8")  # the folder --runs-dir implies
+    logs = tmp_path / "local" / "runs" / "slurm"
+    refused(reproduction("local", "--submit", "local", "--time", "10"), f"error: {logs}: a folder stands where a file "
+            "belongs, or a file where a folder belongs", "the tasks' logs")
+    assert not (tmp_path / "local" / "runs" / "tiny-seed0").exists()  # nothing trained
