@@ -356,10 +356,10 @@ def compiled_batch_loss(model, images, args, start_epoch, mode="default"):
     """batch_loss compiled (--compile), and compiled here, before the first epoch, for each case
     the run will meet: each batch size (the last batch may be smaller) and the recurrent decoder's
     teacher forcing, whole or scheduled. The KL weight, the Sampling and the scheduled probability
-    (the decoder's buffer) reach it as tensors, so no epoch recompiles (tests/test_compile.py counts the graphs). It
-    compiles on a copy of the model with the generators forked, so that the run draws and trains
-    what it would have; a platform that cannot compile ends here, in one line. `mode` is
-    torch.compile's; tests/bench_train.py also tries "reduce-overhead" (CUDA graphs) on a GPU."""
+    (the decoder's buffer) reach it as tensors, so no epoch recompiles (tests/test_compile.py counts
+    the graphs). It compiles on a copy of the model with the generators forked, so that the run
+    draws and trains what it would have; a platform that cannot compile ends here, in one line.
+    `mode` is torch.compile's; tests/bench_train.py also tries "reduce-overhead" (CUDA graphs)."""
     import torch._dynamo
     import torch._inductor
 

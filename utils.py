@@ -855,14 +855,18 @@ def forked_devices(device):
     return [torch.cuda.current_device() if device.index is None else device.index]
 
 
-def writable_dir(path, flag):
+def writable_dir(path, flag, derived=None):
     """Make the folder `path` if needed and check that a file can be created in it, before any
-    work: a wrong path should cost nothing, not the first trained epoch."""
+    work: a wrong path should cost nothing, not the first trained epoch. `path` is the flag's; or,
+    with `derived` (what goes there), a folder the command derives from one, named by its cause."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
+        if derived:
+            raise SystemExit(f"error: {explain_os_error(OSError(e.errno, e.strerror, path))}; it is where {derived} "
+                             f"go (under {flag})")
         raise SystemExit(f"error: cannot write in the folder {path!r} ({e.strerror}); pass another {flag}")
 
 

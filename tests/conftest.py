@@ -1,12 +1,13 @@
 """Shared fixtures and helpers: tiny synthetic MNIST in the IDX layout torchvision reads (no real
 MNIST, no network); our scripts run as a user would (in_process, run_script, user, trained, train,
-command), and what a refusal must look like (refused, assert_refused); a copy of the documents and
+command), and what a refusal must look like (refused); a copy of the documents and
 the records for the reproduction's cases (documents, records_copy, edit_record, write_records);
 read_only folders and the checkpoints on disk."""
 import contextlib
 import glob
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -24,6 +25,8 @@ import reproduce_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST = 300, 120  # 300 = 128 + 128 + 44: the last partial batch is kept
+# the line train.py prints per epoch: its number, train BCE, KL, KL weight and test loss
+EPOCH_LINE = re.compile(r"epoch +(\d+) \| rec +([\d.]+) \| kl +([\d.]+) \| kl weight ([\d.]+) \| test loss +([\d.]+)")
 
 
 def write_idx(raw, prefix, n, rng):
@@ -142,10 +145,14 @@ def command(monkeypatch, capsys, mnist_root):
 
 
 def refused(result, *messages, code=1):
-    """The script ended with `code` and one line on stderr (argparse adds its usage) holding every message."""
+    """The script ended with `code`, no traceback, and one line on stderr (argparse adds its usage)
+    holding every message. `result`: (code, stdout, stderr), or a CompletedProcess."""
+    if isinstance(result, subprocess.CompletedProcess):
+        result = result.returncode, result.stdout, result.stderr
     code_seen, out, err = result
     assert code_seen == code and all(message in err for message in messages), (code_seen, out, err)
     assert len(err.strip().splitlines()) == 1 or code == 2, err
+    assert "Traceback" not in err and "Traceback" not in out, err
 
 
 @pytest.fixture
@@ -195,12 +202,6 @@ def train(in_process, tmp_path, mnist_root):
         return in_process("train.py", "--data-root", mnist_root, "--device", "cpu", "--checkpoint-dir", "ck",
                           "--results-dir", "results", *extra, cwd=tmp_path, check=check)
     return run
-
-def assert_refused(result, message, code=1):
-    """One message, no traceback, the exit code; the message is the last thing on stderr."""
-    assert result.returncode == code, result.stdout + result.stderr
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
 
 def checkpoints_on_disk(folder):
     """Every file of a checkpoint folder: names and bytes; fails if one is not a whole checkpoint."""

@@ -190,10 +190,12 @@ def main():
         # message, hours in, for a folder that cannot be written
         writable_dir(args.runs_dir, "--runs-dir")
         if args.submit:
-            derived_folder(os.path.join(args.runs_dir, "slurm"), "the tasks' logs and the list of tasks submitted")
+            writable_dir(os.path.join(args.runs_dir, "slurm"), "--runs-dir",
+                         derived="the tasks' logs and the list of tasks submitted")
         if not args.verify:
             writable_dir(args.records_dir, "--records-dir")
-            derived_folder(os.path.join(documents_root(), "samples", "tables"), "the tables the records give")
+            writable_dir(os.path.join(documents_root(), "samples", "tables"), "the repository",
+                         derived="the tables the records give")
         if args.submit:
             sys.exit(submit(args))
         sys.exit(verify(args, records) if args.verify else reproduce(args))
@@ -209,17 +211,6 @@ def main():
                  f"kept.")
     finally:
         signal.signal(signal.SIGTERM, sigterm)  # as it was: a test may call main() in its own process
-
-
-def derived_folder(path, what):
-    """A folder the command derives from a flag and will write (made if missing), tried before any
-    work; else one line that names it and its cause, and the command ends."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        sys.exit(f"error: {explain_os_error(OSError(e.errno, e.strerror, path))}; it is where {what} go")
 
 
 def submit(args):

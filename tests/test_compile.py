@@ -11,10 +11,9 @@ import pytest
 import torch
 import torch._dynamo
 
-from conftest import run_script
+from conftest import EPOCH_LINE, run_script
 
 COMPILED = re.compile(r"compiled the training step in \d+ s: (\d+) graph\(s\)")
-EPOCH_LINE = re.compile(r"epoch +\d+ \| rec +([\d.]+) \| kl +([\d.]+) \| kl weight [\d.]+ \| test loss +([\d.]+)")
 
 
 @pytest.fixture
@@ -43,7 +42,7 @@ def test_compiled_run_compiles_once_per_batch_size_trains_as_eager_and_resumes(t
     out, compiled = train(in_process, tmp_path, mnist_root, "compiled", "--epochs", 2, "--compile")
     assert COMPILED.search(out).group(1) == "2" and graphs() == 2  # none after the first epoch started
     _, eager = train(in_process, tmp_path, mnist_root, "eager", "--epochs", 2)
-    for compiled_epoch, eager_epoch in zip(compiled, eager, strict=True):  # train BCE, KL and test loss
+    for compiled_epoch, eager_epoch in zip(compiled, eager, strict=True):  # and BCE, KL, its weight, test loss
         assert compiled_epoch == pytest.approx(eager_epoch, rel=1e-4)
 
     a, b = (torch.load(tmp_path / folder / "mix_match_02.pth", weights_only=True) for folder in ("compiled", "eager"))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import METRICS, N_TEST, N_TRAIN, assert_refused, checkpoints_on_disk, refused
+from conftest import METRICS, N_TEST, N_TRAIN, checkpoints_on_disk, refused
 from model import MixAndMatchCVAE
 from utils import (
     MNIST_FILES,
@@ -246,14 +246,14 @@ def test_output_folders_and_files_are_checked_before_any_work(tmp_path, in_proce
     nowhere = tmp_path / "no_data"  # had training or sampling started, this would be the error
     for flag in ["--checkpoint-dir", "--results-dir"]:
         result = in_process("train.py", "--data-root", nowhere, flag, "a_file/sub", cwd=tmp_path)
-        assert_refused(result, f"cannot write in the folder 'a_file/sub' (Not a directory); pass another {flag}")
+        refused(result, f"cannot write in the folder 'a_file/sub' (Not a directory); pass another {flag}")
     for args, message in [(["--out", "results/grid"], "--out 'results/grid': no extension to name its format"),
                           (["--out", "grid.xyz"], "--out 'grid.xyz': cannot write the format '.xyz'"),
                           (["--out", "a_file/grid.png"], "cannot write in the folder 'a_file'"),
                           (["--figure", "fig.bmp2"], "--figure 'fig.bmp2': cannot write the format '.bmp2'"),
                           (["--figure", "a_file/fig.png"], "cannot write in the folder 'a_file'")]:
         result = in_process("sample.py", "--data-root", nowhere, "--checkpoint", "missing.pth", *args, cwd=tmp_path)
-        assert_refused(result, message)
+        refused(result, message)
     assert [name for _, _, files in os.walk(tmp_path) for name in files] == ["a_file"]  # nothing was written
 
 @pytest.mark.parametrize("device, message", [("tpu", "--device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
@@ -267,18 +267,18 @@ def test_device_strings_get_one_line(device, message, monkeypatch):
 
 def test_scripts_refuse_a_bad_device_before_any_work(tmp_path, in_process):
     for script in ["train.py", "sample.py"]:
-        assert_refused(in_process(script, "--device", "cuda:x", cwd=tmp_path), "is not one of")
+        refused(in_process(script, "--device", "cuda:x", cwd=tmp_path), "is not one of")
 
 def test_resume_refuses_nothing_to_do_and_contradicting_model_flags(tmp_path, train):
     train("--epochs", "2")
     before = checkpoints_on_disk(tmp_path / "ck")
     result = train("--resume", "ck/mix_match_02.pth", "--epochs", "2", check=False)
-    assert_refused(result, "ck/mix_match_02.pth is already at epoch 2, and --epochs is 2: nothing left to train")
+    refused(result, "ck/mix_match_02.pth is already at epoch 2, and --epochs is 2: nothing left to train")
     contradicting = [("--alpha", 10, 64), ("--hidden-dim", 64, 128), ("--latent-dim", 8, 32),
                      ("--conditioning", "fixed", "mix-and-match"), ("--curriculum-step", 2, 0)]
     result = train("--resume", "ck/mix_match_01.pth", "--epochs", "3",
                    *[word for flag, value, _ in contradicting for word in (flag, value)], check=False)
-    assert_refused(result, "a resumed run keeps its checkpoint's model")
+    refused(result, "a resumed run keeps its checkpoint's model")
     for flag, value, saved in contradicting:  # each named, with the checkpoint's value
         assert f"{flag} {value} (the checkpoint has {saved})" in result.stderr
     assert checkpoints_on_disk(tmp_path / "ck") == before
@@ -297,5 +297,5 @@ def test_a_truncated_mnist_file_is_named_not_called_missing(tmp_path, mnist_root
     torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "tutorial.pth")  # sample.py reads a checkpoint first
     for script, extra in [("train.py", []), ("sample.py", ["--checkpoint", "tutorial.pth"])]:
         result = in_process(script, "--data-root", root, "--device", "cpu", *extra, cwd=tmp_path)
-        assert_refused(result, f"the MNIST file {images} is there but unreadable (5000 bytes, its header says")
+        refused(result, f"the MNIST file {images} is there but unreadable (5000 bytes, its header says")
         assert "is not under" not in result.stderr

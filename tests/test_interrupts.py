@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import METRICS, REPO, assert_refused, checkpoints_on_disk, read_only, refused
+from conftest import METRICS, REPO, checkpoints_on_disk, read_only, refused
 from model import MixAndMatchCVAE
 from utils import (
     atomic_save,
@@ -209,7 +209,7 @@ def test_train_py_on_a_full_disk_names_the_last_checkpoint(tmp_path, train, monk
     # train.py as the user runs it, with its checkpoint writes failing from epoch 2 on
     monkeypatch.setattr("utils.open", failing_open(lambda p: "match_02" in p), raising=False)
     result = train("--epochs", "3", "--resume", "ck/mix_match_01.pth", check=False)
-    assert_refused(result, "error: ck/mix_match_02.pth: the disk is full (No space left on device): free space. The "
+    refused(result, "error: ck/mix_match_02.pth: the disk is full (No space left on device): free space. The "
                            "last complete checkpoint is ck/mix_match_01.pth; continue with: python3 train.py --resume "
                            "ck/mix_match_01.pth")
     assert checkpoints_on_disk(tmp_path / "ck") == before

@@ -7,10 +7,8 @@ import torch
 from PIL import Image
 
 import utils
-from conftest import run_script
+from conftest import EPOCH_LINE, run_script
 from model import MixAndMatchCVAE
-
-EPOCH_LINE = re.compile(r"epoch +(\d+) \| rec +([\d.]+) \| kl +([\d.]+) \| kl weight ([\d.]+) \| test loss +([\d.]+)")
 
 
 def train(tmp_path, mnist_root, name, *extra, run=run_script):

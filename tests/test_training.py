@@ -4,7 +4,7 @@ BatchNorm never sees a batch of one image."""
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import N_TRAIN, assert_refused, checkpoints_on_disk
+from conftest import N_TRAIN, checkpoints_on_disk, refused
 from model import MixAndMatchCVAE
 from train import train_epoch
 from utils import (
@@ -14,20 +14,20 @@ from utils import (
 
 
 def test_a_diverging_run_stops_at_its_epoch_and_writes_no_nan_checkpoint(tmp_path, train):
-    assert_refused(train("--lr", "1e6", check=False),
+    refused(train("--lr", "1e6", check=False),
                    "training diverged in epoch 1")
     assert checkpoints_on_disk(tmp_path / "ck") == {}
 
     train("--epochs", "1")
     before = checkpoints_on_disk(tmp_path / "ck")
     result = train("--epochs", "5", "--resume", "ck/mix_match_01.pth", "--lr", "1e6", check=False)
-    assert_refused(result, "training diverged in epoch 2")
+    refused(result, "training diverged in epoch 2")
     assert "The last good checkpoint is ck/mix_match_01.pth" in result.stderr
     assert "--resume ck/mix_match_01.pth --epochs 5" in result.stderr and "--lr 100000" in result.stderr
     assert checkpoints_on_disk(tmp_path / "ck") == before  # nothing new, nothing changed
 
 def test_batch_norm_never_sees_a_batch_of_one(tmp_path, train):
-    assert_refused(train("--batch-size", "1", check=False), "--batch-size must be at least 2", 2)
+    refused(train("--batch-size", "1", check=False), "--batch-size must be at least 2", code=2)
     result = train("--epochs", "1", "--batch-size", str(N_TRAIN - 1))
     assert "last batch of one image" in result.stdout and "skipped" in result.stdout
     assert torch.load(tmp_path / "ck" / "mix_match_01.pth", weights_only=True)["step"] == 1
