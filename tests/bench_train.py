@@ -184,7 +184,7 @@ def compiled_against_eager(data_root, device, epochs):
     compiled run's numbers judged against the eager run's as --verify judges a run trained on
     another machine (tests/reproduce_results.py: in seed sds of the MLP family's records, the
     first epochs' root mean square against its limit, each number against its own)."""
-    from reproduce_results import HISTORY_LIMIT, RECORDS, judge, numbers, read_records, seed_spreads
+    from reproduce_plan import HISTORY_LIMIT, RECORDS, judge, numbers, read_records, seed_spreads
 
     runs = {name: whole_run(data_root, device, epochs, flags) for name, flags in (("eager", []),
                                                                                   ("compiled", ["--compile"]))}

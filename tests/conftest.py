@@ -2,7 +2,8 @@
 MNIST, no network); our scripts run as a user would (in_process, run_script, user, trained, train,
 command), and what a refusal must look like (refused); a copy of the documents and
 the records for the reproduction's cases (documents, records_copy, edit_record, write_records);
-read_only folders and the checkpoints on disk."""
+read_only folders and the checkpoints on disk. The reproduction's parts are imported by the
+fixtures that use them: a test of the model does not import the harness."""
 import contextlib
 import glob
 import json
@@ -19,9 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import reproduce_documents
-import reproduce_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN, N_TEST = 300, 120  # 300 = 128 + 128 + 44: the last partial batch is kept
@@ -134,6 +132,8 @@ def command(monkeypatch, capsys, mnist_root):
         monkeypatch.setattr(sys, "argv", ["reproduce_results.py", *data, *map(str, flags)])
         code = 0
         try:
+            import reproduce_results
+
             reproduce_results.main()
         except SystemExit as e:
             code = e.code or 0
@@ -159,10 +159,12 @@ def refused(result, *messages, code=1):
 def documents(tmp_path, monkeypatch):
     """A copy of the documents and samples/ (tables, figures) under tmp_path, the committed records'
     tables; --tables writes there. Returns a function: {path: text} of the copy, to compare."""
+    import reproduce_documents
+
     for document in reproduce_documents.DOCUMENTS:
         os.makedirs(tmp_path / os.path.dirname(document), exist_ok=True)
-        shutil.copyfile(os.path.join(reproduce_results.REPO, document), tmp_path / document)
-    shutil.copytree(os.path.join(reproduce_results.REPO, "samples", "tables"), tmp_path / "samples" / "tables")
+        shutil.copyfile(os.path.join(REPO, document), tmp_path / document)
+    shutil.copytree(os.path.join(REPO, "samples", "tables"), tmp_path / "samples" / "tables")
     monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
     monkeypatch.setattr(reproduce_documents, "figures", dict)  # the tables are the point; figures take seconds
 
@@ -173,8 +175,11 @@ def documents(tmp_path, monkeypatch):
 
 def records_copy(tmp_path):
     """The committed records and the runs verified again, copied: records/ and verify/ in tmp_path."""
-    shutil.copytree(reproduce_results.RECORDS, tmp_path / "r" / "records")
-    shutil.copytree(reproduce_documents.again_folder(reproduce_results.RECORDS), tmp_path / "r" / "verify")
+    from reproduce_documents import again_folder
+    from reproduce_plan import RECORDS
+
+    shutil.copytree(RECORDS, tmp_path / "r" / "records")
+    shutil.copytree(again_folder(RECORDS), tmp_path / "r" / "verify")
     return tmp_path / "r" / "records"
 
 

@@ -13,7 +13,7 @@ import statistics
 import sys
 
 from one_side_random import SIDES
-from reproduce_results import (
+from reproduce_plan import (
     ALWAYS_FORCED,
     CONDITIONINGS,
     DECODERS,
@@ -39,7 +39,6 @@ from reproduce_results import (
     TRAIN_ALPHAS,
     VERSIONS,
     better_fixes,
-    cell,
     chains,
     fix_prefix,
     fixes_pairs,
@@ -637,3 +636,6 @@ def plot_frontier(metrics, path):
     axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.7, -0.13), ncol=4, frameon=False)
     save_figure(fig, path, dpi=100)
 
+
+def cell(value):
+    return "n/a" if value is None else f"{value:d}" if isinstance(value, int) else f"{value:.3f}"

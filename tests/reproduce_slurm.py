@@ -2,7 +2,7 @@
 The reproduction on a cluster (`tests/reproduce_results.py --submit slurm`; not a test): the plan's
 chains go to SLURM as one job array through submitit, each task one chain (a run and the runs that
 continue it), trained, measured and recorded exactly as a worker of `--jobs` does it
-(reproduce_results.do_chain).
+(reproduce_runs.do_chain).
 
 - A task that SLURM brings to its time limit or preempts with USR2 (submitit's --signal) has its
   script ended (its files are each whole) and is requeued through submitit's checkpointing; one
@@ -31,7 +31,9 @@ import time
 
 import submitit
 
-import reproduce_results as rr
+import reproduce_documents
+from reproduce_plan import REPO, chain_measures, chains, plan, read_json_file, recorded
+from reproduce_runs import STOPPING, do_chain, format_seconds, stop_scripts
 from utils import save_json
 
 POLL_SECONDS = 10  # how often the command looks at the queue
@@ -45,15 +47,15 @@ class ChainTask(submitit.helpers.Checkpointable):
 
     def __call__(self):
         # SIGTERM (scontrol requeue, a preemption, scancel) reaches every process of the task: the
-        # script stops between whole files, and its stop is no failure (reproduce_results.run)
-        signal.signal(signal.SIGTERM, lambda signum, frame: rr.STOPPING.set())
-        rr.do_chain(self.args, self.chain, self.trainings, self.measures)
+        # script stops between whole files, and its stop is no failure (reproduce_runs.run)
+        signal.signal(signal.SIGTERM, lambda signum, frame: STOPPING.set())
+        do_chain(self.args, self.chain, self.trainings, self.measures)
         return self.chain
 
     def checkpoint(self, *args, **kwargs):
         """USR2, the time limit's or a preemption's signal: end the script (its files are whole), then
         let submitit requeue this same task, which resumes from the newest checkpoint."""
-        rr.stop_scripts()
+        stop_scripts()
         return super().checkpoint(*args, **kwargs)
 
 
@@ -66,8 +68,8 @@ def submit(args, sections):
                  f"{'none of them' if len(missing) > 1 else 'none'}: run the command on the cluster's login node, or "
                  f"use --jobs N on this machine")
     folder = os.path.join(args.runs_dir, "slurm")
-    # a task imports this file, the scripts' utils and reproduce_results, as this command does
-    os.environ["PYTHONPATH"] = os.pathsep.join([rr.REPO, os.path.dirname(os.path.abspath(__file__)),
+    # a task imports this file, the scripts' utils and the reproduction's parts, as this command does
+    os.environ["PYTHONPATH"] = os.pathsep.join([REPO, os.path.dirname(os.path.abspath(__file__)),
                                                 *filter(None, [os.environ.get("PYTHONPATH")])])
     executor = submitit.AutoExecutor(folder=os.path.join(folder, "%A"), cluster=args.submit)
     executor.update_parameters(name="reproduce", timeout_min=args.time, cpus_per_task=args.cpus,
@@ -88,9 +90,9 @@ def wait_and_finish(args, sections, executor, task_args, folder):
     submitted = read_submitted(listed)  # {first run of a chain: {"job": "1234_5", "log": path}}
     jobs, failed, t0, last = {}, set(), time.time(), None
     while True:
-        trainings, measures = rr.plan(args, sections)
-        planned = rr.chains(trainings, measures)
-        todo = [chain for chain in planned if not all(rr.recorded(args, r) for r in chain)]
+        trainings, measures = plan(args, sections)
+        planned = chains(trainings, measures)
+        todo = [chain for chain in planned if not all(recorded(args, r) for r in chain)]
         states = queue_states(args, {chain[0]: submitted.get(chain[0]) for chain in todo}, jobs)
         new = [chain for chain in todo if states[chain[0]] == "ended" and chain[0] not in failed
                and chain[0] not in jobs]
@@ -105,7 +107,7 @@ def wait_and_finish(args, sections, executor, task_args, folder):
             try:  # submitit prints sbatch's complaint as well as raising it: the reason is said once, below
                 with contextlib.redirect_stderr(io.StringIO()), executor.batch():
                     batch = [(chain, executor.submit(ChainTask(task_args, chain, trainings,
-                                                               rr.chain_measures(chain, measures)))) for chain in new]
+                                                               chain_measures(chain, measures)))) for chain in new]
             except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
                 reason = ([line for line in str(e).splitlines() if line.strip()] or ["it gave no reason"])[-1]
                 sys.exit(f"error: SLURM refused the job array ({reason.strip()}); nothing more was submitted. Fix "
@@ -125,7 +127,7 @@ def wait_and_finish(args, sections, executor, task_args, folder):
             break
         counts = {state: sum(s == state for s in states.values()) for state in ("running", "pending")}
         line = (f"tasks: {len(planned) - len(todo)} done, {counts['running']} running, "
-                f"{counts['pending']} pending, {len(failed)} failed ({rr.format_seconds(time.time() - t0)} so far)")
+                f"{counts['pending']} pending, {len(failed)} failed ({format_seconds(time.time() - t0)} so far)")
         if line.split(" (")[0] != last:
             print(line, flush=True)
             last = line.split(" (")[0]
@@ -134,8 +136,8 @@ def wait_and_finish(args, sections, executor, task_args, folder):
         print(f"{len(failed)} tasks failed: {', '.join(sorted(failed))}; their logs are named above. Fix the cause "
               f"and run this command again: it submits only what is not recorded")
         return 1
-    print(f"every run is recorded ({rr.format_seconds(time.time() - t0)})")
-    return rr.write_documents(args.records_dir)
+    print(f"every run is recorded ({format_seconds(time.time() - t0)})")
+    return reproduce_documents.write_documents(args.records_dir)
 
 
 def read_submitted(path):
@@ -145,7 +147,7 @@ def read_submitted(path):
     submitted twice."""
     if not os.path.exists(path):
         return {}
-    submitted = rr.read_json_file(path)
+    submitted = read_json_file(path)
     if not isinstance(submitted, dict) or not all(
             isinstance(entry, dict) and isinstance(entry.get("job"), str) and isinstance(entry.get("log"), str)
             for entry in submitted.values()):

@@ -23,7 +23,9 @@ import pytest
 import torch
 
 import reproduce_documents
+import reproduce_plan
 import reproduce_results
+import reproduce_runs
 from conftest import edit_record, records_copy, refused, write_records
 
 TINY = {"tiny-seed0": ([], 1, None), "tiny-seed0-long": ([], 2, "tiny-seed0"), "tiny-seed1": (["--seed", "1"], 1, None)}
@@ -37,12 +39,10 @@ def tiny(monkeypatch, tmp_path, mnist_root):
     its runs and records in tmp_path, train.py and sample.py run in this process (no torch import
     each): main(*flags) -> its exit code; main.threads, the --threads each script was run with."""
     monkeypatch.setattr(reproduce_results, "plan", lambda args, sections: (TINY, TINY_MEASURES))
-    monkeypatch.setattr(reproduce_results, "EPOCHS", 1)
-    monkeypatch.setattr(reproduce_results, "LONG_EPOCHS", 2)
-    monkeypatch.setattr(reproduce_results, "MEASURE_FLAGS", ["--n-eval", "20", "--n-samples", "4", "--n-importance",
-                                                             "4", "--cache-dir", str(tmp_path / "cache")])
+    monkeypatch.setattr(reproduce_plan, "MEASURE_FLAGS", ["--n-eval", "20", "--n-samples", "4", "--n-importance",
+                                                          "4", "--cache-dir", str(tmp_path / "cache")])
     documents, threads = [], []
-    monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: documents.append(1))
+    monkeypatch.setattr(reproduce_documents, "write_documents", lambda records_dir, check=False: documents.append(1))
 
     def in_process(args, what, log, script, *script_args):
         print(what)
@@ -52,10 +52,10 @@ def tiny(monkeypatch, tmp_path, mnist_root):
         with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             monkeypatch.setattr(sys, "argv", [script, *script_args])
             with contextlib.suppress(SystemExit):
-                runpy.run_path(os.path.join(reproduce_results.REPO, script), run_name="__main__")
+                runpy.run_path(os.path.join(reproduce_plan.REPO, script), run_name="__main__")
         signal.signal(signal.SIGTERM, handler)
         return 1.0
-    monkeypatch.setattr(reproduce_results, "run", in_process)
+    monkeypatch.setattr(reproduce_runs, "run", in_process)
 
     def main(*flags):
         monkeypatch.setattr(sys, "argv", ["reproduce_results.py", "--data-root", mnist_root, "--runs-dir",
@@ -81,7 +81,7 @@ def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_p
     assert long["train"] == {"script": ["train.py"], "flags": [], "epochs": 2, "continues": "tiny-seed0",
                              "first_epoch": 2, "seconds": long["history"][1]["seconds"]}
     assert [h["epoch"] for h in long["history"]] == [1, 2] and long["threads"] == 3 and long["cpu"]
-    assert long["commit"] and long["cpu_capability"] and all(long[key] for key in reproduce_results.VERSIONS)
+    assert long["commit"] and long["cpu_capability"] and all(long[key] for key in reproduce_plan.VERSIONS)
     seed1 = read(tmp_path, "tiny-seed1")
     assert list(seed1["measurements"]) == ["tiny-seed1-T1", "tiny-seed1-T2"]
     measured = seed1["measurements"]["tiny-seed1-T2"]
@@ -93,7 +93,7 @@ def test_a_reproduction_records_each_run_and_verify_trains_one_again(tiny, tmp_p
     # another machine sharing the runs folder trained tiny-seed1; this one writes its record, with that
     # machine's provenance, and trains and measures nothing
     environment = json.loads((tmp_path / "runs" / "tiny-seed1" / "environment.json").read_text(encoding="utf-8"))
-    assert environment == {key: seed1[key] for key in ("commit", *reproduce_results.VERSIONS, "cpu", "cpu_capability",
+    assert environment == {key: seed1[key] for key in ("commit", *reproduce_plan.VERSIONS, "cpu", "cpu_capability",
                                                        "threads")}
     (tmp_path / "runs" / "tiny-seed1" / "environment.json").write_text(json.dumps({**environment, "cpu": "Other"}),
                                                                         encoding="utf-8")
@@ -185,10 +185,10 @@ def test_on_another_cpu_kind_one_measure_far_beyond_its_spread_fails_among_many_
 
 def test_the_limit_of_a_number_grows_with_the_count_so_that_the_chance_of_a_false_alarm_does_not():
     for count in (21, 171, 465):
-        limit = reproduce_results.number_limit(count)
+        limit = reproduce_plan.number_limit(count)
         chance = 2 * count * (1 - statistics.NormalDist().cdf(limit))  # Bonferroni: one of count numbers
-        assert chance == pytest.approx(reproduce_results.FALSE_ALARM)
-    assert reproduce_results.number_limit(21) < reproduce_results.number_limit(465) < 4.5
+        assert chance == pytest.approx(reproduce_plan.FALSE_ALARM)
+    assert reproduce_plan.number_limit(21) < reproduce_plan.number_limit(465) < 4.5
 
 
 def test_a_number_the_seeds_agree_on_and_an_na_one_must_agree(capsys):
@@ -222,9 +222,9 @@ def test_verify_tells_the_committed_pairs_apart():
     """The criterion on the records' pairs (the report's table): every run trained and measured
     again on another machine, and the shipped model, reproduce; every other record under their
     names, and each of them with one measure moved by hand, does not."""
-    records = reproduce_results.read_records(reproduce_results.RECORDS)
-    again = reproduce_results.read_records(reproduce_documents.again_folder(reproduce_results.RECORDS))
-    trials = reproduce_results.verify_trials(records, again)
+    records = reproduce_plan.read_records(reproduce_plan.RECORDS)
+    again = reproduce_plan.read_records(reproduce_documents.again_folder(reproduce_plan.RECORDS))
+    trials = reproduce_plan.verify_trials(records, again)
     same = [verdict["agrees"] for what, _, verdict in trials if what == "the same run"]
     assert len(same) == len(again) + 1 and all(same)
     others = [(what, run) for what, run, verdict in trials if what != "the same run" and verdict["agrees"]]
@@ -253,13 +253,13 @@ def test_verify_tells_the_committed_pairs_apart():
 def test_a_broken_record_is_named_in_one_line_before_any_work(tmp_path, content, message):
     (tmp_path / "x.json").write_text(content, encoding="utf-8")
     with pytest.raises(SystemExit) as e:
-        reproduce_results.read_records(str(tmp_path))
+        reproduce_plan.read_records(str(tmp_path))
     assert f"error: the record {tmp_path / 'x.json'} " in e.value.code and message in e.value.code
     assert "restore it with git checkout, or delete it" in e.value.code
 
 
 def test_the_committed_documents_are_what_the_committed_records_give(capsys):
-    assert reproduce_results.write_documents(reproduce_results.RECORDS, check=True) == 0, capsys.readouterr().out
+    assert reproduce_documents.write_documents(reproduce_plan.RECORDS, check=True) == 0, capsys.readouterr().out
 
 
 # a number with a decimal point, not part of a version (torch 2.14.1) or of a name
@@ -274,7 +274,7 @@ def test_the_prose_numbers_of_a_recorded_section_are_in_its_tables():
     table files it links: no number typed by hand. A section is a "## " part of a document, or a
     "### " part of one, so that a part is checked as soon as its own tables are written."""
     for document in reproduce_documents.DOCUMENTS:
-        text = reproduce_documents.read_text(os.path.join(reproduce_results.REPO, document))
+        text = reproduce_documents.read_text(os.path.join(reproduce_plan.REPO, document))
         for section in re.split(r"\n(?=## )", text):
             for part in [section, *re.split(r"\n(?=### )", section)[1:]]:
                 bodies = [body for _, _, body, _ in reproduce_documents.TABLE.findall(part)]
@@ -282,7 +282,7 @@ def test_the_prose_numbers_of_a_recorded_section_are_in_its_tables():
                     continue
                 linked = re.findall(r"\]\((tables/[\w.]+\.md)\)", part)
                 known = NUMBER.findall(" ".join(bodies + [
-                    reproduce_documents.read_text(os.path.join(reproduce_results.REPO, os.path.dirname(document), path))
+                    reproduce_documents.read_text(os.path.join(reproduce_plan.REPO, os.path.dirname(document), path))
                     for path in linked]))
                 prose = re.sub(r"```.*?```|`[^`]*`|\]\([^)]*\)", "", reproduce_documents.TABLE.sub("", part),
                                flags=re.DOTALL)
@@ -313,12 +313,12 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
     their own), once every section is recorded: here from hand-made records of the whole plan."""
     args = argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"))
     for _ in range(3):  # the fixes' sweep, then its seeds, then mix-and-match with the better fix
-        planned = {m: flags for section in reproduce_results.SECTIONS
-                   for m, (_, flags) in reproduce_results.measurements(section, args).items()}
+        planned = {m: flags for section in reproduce_plan.SECTIONS
+                   for m, (_, flags) in reproduce_plan.measurements(section, args).items()}
         write_records(tmp_path / "records", {m: every_measurement(m, flags) for m, flags in planned.items()})
-    records = reproduce_results.read_records(args.records_dir)
-    metrics = reproduce_results.recorded_measurements(args.records_dir)
-    with open(f"{reproduce_results.REPO}/README.md", encoding="utf-8") as f:
+    records = reproduce_plan.read_records(args.records_dir)
+    metrics = reproduce_plan.recorded_measurements(args.records_dir)
+    with open(f"{reproduce_plan.REPO}/README.md", encoding="utf-8") as f:
         in_readme = {name for _, name, _, _ in reproduce_documents.TABLE.findall(f.read())}
     for name, (_, make) in reproduce_documents.tables(args.records_dir).items():
         widest = max((line.count(" | ") + 1 for line in make(metrics, records).splitlines() if line.startswith("| ")),
@@ -334,9 +334,9 @@ def test_every_table_fits_its_document(tmp_path, monkeypatch):
         path.write_text(json.dumps(record), encoding="utf-8")
     (tmp_path / "samples").mkdir()
     for document in reproduce_documents.DOCUMENTS:
-        shutil.copyfile(f"{reproduce_results.REPO}/{document}", tmp_path / document)
+        shutil.copyfile(f"{reproduce_plan.REPO}/{document}", tmp_path / document)
     monkeypatch.setattr(reproduce_documents, "DOCUMENT_ROOT", str(tmp_path))
-    assert reproduce_results.write_documents(args.records_dir) == 0
+    assert reproduce_documents.write_documents(args.records_dir) == 0
     tables = [f"samples/{name}" for name in reproduce_documents.table_files()]
     for document in [*reproduce_documents.DOCUMENTS, *tables]:
         assert "Pending" not in (tmp_path / document).read_text(encoding="utf-8"), document
@@ -364,7 +364,7 @@ def test_two_workers_share_the_chains_and_a_continuation_follows_its_run(tiny, t
         events.append((threading.current_thread().name, what))
         time.sleep(0.1)  # so that both workers are busy at once
         return 0.01
-    monkeypatch.setattr(reproduce_results, "run", stand_in)
+    monkeypatch.setattr(reproduce_runs, "run", stand_in)
     monkeypatch.setattr(reproduce_results, "PLAN_AGAIN_SECONDS", 0.05)
     assert tiny("--jobs", str(jobs)) in (None, 0)
     assert "3/3 runs recorded" in capsys.readouterr().out
@@ -425,7 +425,7 @@ def test_a_folder_or_file_where_a_table_belongs_leaves_every_document_as_it_was(
 def test_a_reproduction_killed_with_sigterm_ends_its_training_too_leaving_whole_checkpoints(tmp_path, mnist_root):
     runs, records = tmp_path / "runs", tmp_path / "records"
     records.mkdir()
-    process = subprocess.Popen([sys.executable, os.path.join(reproduce_results.REPO, "tests", "reproduce_results.py"),
+    process = subprocess.Popen([sys.executable, os.path.join(reproduce_plan.REPO, "tests", "reproduce_results.py"),
                                 "--data-root", mnist_root, "--runs-dir", runs, "--records-dir", records, "--section",
                                 "results", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})

@@ -2,8 +2,11 @@
 `sample.py --metrics --json` alone (tests/reproduce_results.py): here from hand-made ones, with
 numbers whose means, spreads and crossings are known, and no training."""
 import argparse
+import ast
+import graphlib
 import json
 import math
+import pathlib
 import re
 import sys
 
@@ -12,7 +15,9 @@ import torch
 from PIL import Image
 
 import reproduce_documents
+import reproduce_plan
 import reproduce_results
+import reproduce_runs
 from conftest import read_only, refused, write_records
 from model import MixAndMatchCVAE, ModelConfig
 from one_side_random import one_side_random
@@ -37,13 +42,8 @@ from reproduce_documents import (
     recurrent_pairs,
     seed_table,
 )
-from reproduce_results import (
-    MODES,
-    better_fixes,
-    measurements,
-    picked_values,
-    through,
-)
+from reproduce_plan import MODES, better_fixes, measurements, picked_values
+from reproduce_runs import through
 
 NAMES = {"iw_nll": "IW NLL -log p(top | bottom), S=100 (nats)", "diversity": "diversity: mean distance",
          "distinct_digits": "distinct digits among the K", "confidence": "classifier confidence",
@@ -356,14 +356,14 @@ def test_the_reproduction_stops_on_ctrl_c_or_a_full_disk_with_one_line(mnist_roo
 
 @pytest.mark.parametrize("content", ["{\"metrics\": {\"kl\": ", "null", "{\"checkpoint\": \"x\"}"])
 def test_a_measurement_json_left_broken_is_measured_again(tmp_path, monkeypatch, capsys, content):
-    args = reproduce_results.argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"),
-                                                data_root="data", threads=1)
+    args = argparse.Namespace(runs_dir=str(tmp_path), records_dir=str(tmp_path / "records"), data_root="data",
+                              threads=1)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "m-T1.json").write_text(content, encoding="utf-8")  # cut short, or edited by another tool
     calls = []
-    monkeypatch.setattr(reproduce_results, "run", lambda args, what, log, script, *rest: calls.append(script) or 1.0)
-    assert reproduce_results.read_json(str(tmp_path / "metrics" / "m-T1.json")) is None
-    reproduce_results.measure(args, "m-T1", "run", [])
+    monkeypatch.setattr(reproduce_runs, "run", lambda args, what, log, script, *rest: calls.append(script) or 1.0)
+    assert reproduce_runs.read_json(str(tmp_path / "metrics" / "m-T1.json")) is None
+    reproduce_runs.measure(args, "m-T1", "run", [], 50)
     assert calls == ["sample.py"] and "its JSON is broken" in capsys.readouterr().out
 
 def test_a_runs_folder_that_is_a_file_is_named_before_any_work(command, tmp_path):
@@ -413,9 +413,9 @@ def test_tables_are_written_from_the_records_pending_where_a_section_is_not_reco
     monkeypatch.setattr(reproduce_documents, "figures", dict)
     write_records(tmp_path / "records", metrics())
     records = str(tmp_path / "records")
-    assert reproduce_results.write_documents(records, check=True) == 1  # stale tables
+    assert reproduce_documents.write_documents(records, check=True) == 1  # stale tables
     assert "README.md: its tables differ from what the records give" in capsys.readouterr().out
-    assert reproduce_results.write_documents(records) == 0
+    assert reproduce_documents.write_documents(records) == 0
     out = capsys.readouterr().out
     assert "section mechanism: 24 measurements not recorded yet (ar-random-decoder-seed0-T1" in out
     text = (tmp_path / "README.md").read_text(encoding="utf-8")
@@ -425,18 +425,39 @@ def test_tables_are_written_from_the_records_pending_where_a_section_is_not_reco
     tables = tmp_path / "samples" / "tables"
     assert (tables / "seed_differences.md").read_text(encoding="utf-8").startswith("| metric | mix-and-match")
     assert (tables / "mechanism_differences.md").read_text(encoding="utf-8").startswith("*Pending: ")
-    assert reproduce_results.write_documents(records, check=True) == 0  # as the records give
+    assert reproduce_documents.write_documents(records, check=True) == 0  # as the records give
     edited_by_hand = text.replace("| 74.000 ± 1.000 |", "| 74.001 ± 1.000 |")
     (tmp_path / "README.md").write_text(edited_by_hand, encoding="utf-8")
-    assert reproduce_results.write_documents(records, check=True) == 1
+    assert reproduce_documents.write_documents(records, check=True) == 1
     (tmp_path / "README.md").write_text(text + "<!-- table nonsense -->\n<!-- /table -->\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="a table marker of no table of this reproduction: nonsense"):
-        reproduce_results.write_documents(records)
+        reproduce_documents.write_documents(records)
 
 
 def test_the_provenance_counts_the_classifier_that_judged_each_measurement(tmp_path):
     write_records(tmp_path, {"a-seed0-T1": {"metrics": {}}, "a-seed0-T2": {"metrics": {}},
                              "b-seed0-T1": {"classifier_accuracy": 0.98, "metrics": {}}})
-    text = reproduce_documents.provenance(reproduce_results.read_records(str(tmp_path)), str(tmp_path))
+    text = reproduce_documents.provenance(reproduce_plan.read_records(str(tmp_path)), str(tmp_path))
     assert "2 runs recorded. " in text and "The digit classifier's test accuracy (measurements): 98.00% (1), " \
                                            "99.13% (2). " in text
+
+
+def test_the_reproductions_parts_import_downwards_only_and_no_test_file_imports_another():
+    """The scripts under tests/ import each other in one order, none back up it (a cycle would make
+    each part of the reproduction need all the others to be read, fixed or tested); a test file
+    imports the scripts it tests and conftest, never another test file."""
+    folder = pathlib.Path(__file__).parent
+    ours = {path.stem for path in folder.glob("*.py")}
+    imports = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):  # those inside functions too
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        imports[path.stem] = names & ours - {path.stem}
+    assert {name: sorted(imported) for name, imported in imports.items() if name.startswith("test_")
+            and any(other.startswith("test_") for other in imported)} == {}
+    assert imports["reproduce_plan"] <= {"one_side_random"}  # what the others stand on imports none of them
+    list(graphlib.TopologicalSorter(imports).static_order())  # CycleError names a cycle

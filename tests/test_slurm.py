@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+import reproduce_documents
+import reproduce_plan
 import reproduce_results
 from conftest import refused
 
@@ -41,9 +43,9 @@ needs_slurm = pytest.mark.skipif(not slurm_running(), reason="no SLURM here: .ci
 @pytest.fixture
 def reproduction(command, monkeypatch, tmp_path):
     """command (conftest) with its runs and records in tmp_path/folder: reproduction(folder, *flags)."""
-    monkeypatch.setattr(reproduce_results, "MEASURE_FLAGS", [*MEASURE_FLAGS, "--cache-dir", str(tmp_path / "cache")])
+    monkeypatch.setattr(reproduce_plan, "MEASURE_FLAGS", [*MEASURE_FLAGS, "--cache-dir", str(tmp_path / "cache")])
     monkeypatch.setattr(reproduce_slurm, "POLL_SECONDS", 0.5)
-    monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: 0)
+    monkeypatch.setattr(reproduce_documents, "write_documents", lambda records_dir, check=False: 0)
 
     def main(folder, *flags):
         (tmp_path / folder / "records").mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,9 @@ def reproduction(command, monkeypatch, tmp_path):
 
 
 def plan(monkeypatch, trainings, measures):
-    monkeypatch.setattr(reproduce_results, "plan", lambda args, sections: (trainings, measures))
+    """The plan, for this process's workers and for the job array alike."""
+    for part in (reproduce_results, reproduce_slurm):
+        monkeypatch.setattr(part, "plan", lambda args, sections: (trainings, measures))
 
 
 def records(folder):
@@ -72,7 +76,7 @@ def records(folder):
 
 
 def in_process_records(reproduction, tmp_path, name="reference"):
-    """The plan reproduced by this process's one worker (reproduce_results.run: real train.py and
+    """The plan reproduced by this process's one worker (reproduce_runs.run: real train.py and
     sample.py processes, 1 thread): the records the submitted tasks must give."""
     code, out, err = reproduction(name, "--threads", "1")
     assert code == 0, out + err
@@ -152,7 +156,7 @@ def test_a_closed_terminal_is_finished_by_the_same_command_which_waits_for_the_q
     assert code == 1 and "submitted 2 chains" in out and "the submitted tasks go on in SLURM's queue; run the " \
         "same command again to wait for them and write the tables" in err, out + err
     written = []
-    monkeypatch.setattr(reproduce_results, "write_documents", lambda records_dir, check=False: written.append(1) or 0)
+    monkeypatch.setattr(reproduce_documents, "write_documents", lambda records_dir, check=False: written.append(1) or 0)
     code, out, err = reproduction("slurm", "--submit", "slurm", "--partition", "ci", "--cpus", "1", "--time", "10")
     assert code == 0 and "submitted" not in out, out + err
     assert re.search(r"tasks: \d done, ([1-9] running|\d running, [1-9] pending)", out), out  # it waited for them
