@@ -62,8 +62,8 @@ TUTORIAL = {"alpha": TUTORIAL_ALPHA, "hidden_dim": ModelConfig.hidden_dim, "late
 MODEL_FLAGS = ("alpha", "hidden_dim", "latent_dim", "conditioning", "decoder", "curriculum_step", "history_dropout",
                "free_bits", "teacher_forcing_epochs")
 # results/curves.png is redrawn once this many seconds have passed since its last drawing, and after
-# the last epoch: a drawing takes about 0.12 s (0.35 s the first, which imports matplotlib), against a
-# 1.7 s CPU epoch (tests/bench_train.py)
+# the last epoch: drawn every epoch, matplotlib would take a share of each short epoch (tests/bench_train.py
+# times both)
 CURVES_EVERY_S = 30
 
 

@@ -420,7 +420,7 @@ def random_shift(images, pixels=2):
 
 def load_or_train_classifier(path, data_root, device, epochs=4, batch_size=128, shipped=None):
     """The digit classifier cached at `path`, trained there on MNIST's training set where it is
-    missing, broken or of other MNIST files (about a minute on 2 CPU cores); `shipped`, where given,
+    missing, broken or of other MNIST files (`epochs` passes over it); `shipped`, where given,
     is read in its place while `path` holds none. The repository ships one
     (checkpoint/digit_classifier.pth, as FID ships its Inception weights), so that every classifier
     measure compares across machines. Its file names the raw files it was trained on, so a
@@ -486,7 +486,7 @@ def load_cache(path, fingerprint, device, redo, load):
 
 
 def mnist_fingerprint(root):
-    """SHA-256 of the four raw MNIST files under root (50 ms): the data a classifier learnt."""
+    """SHA-256 of the four raw MNIST files under root (a fraction of a second): the data a classifier learnt."""
     digest = hashlib.sha256()
     for name in MNIST_FILES:
         with open(os.path.join(root, "MNIST", "raw", name), "rb") as f:
@@ -579,9 +579,9 @@ def bottom_neighbours(test_images, train_images, m, batch_size=250):
 
 def load_or_find_neighbours(path, data_root, test_images, train_images, m):
     """(indices (N_test, m) of each test image's bottom neighbours, threshold), cached at `path` for
-    the MNIST files they were found in (2.6 s per 1000 test images on one CPU core, so once per
-    data set, not per checkpoint). The threshold of the conditional coverage is the median distance from
-    a test image's true top to the nearest of its neighbours' tops: a completion reaches a
+    the MNIST files they were found in (a search of the whole training set for each test image: once
+    per data set, not per checkpoint). The threshold of the conditional coverage is the median distance
+    from a test image's true top to the nearest of its neighbours' tops: a completion reaches a
     plausible top when it comes as close to it as the real top comes to the nearest other."""
     def load(cached):
         indices, threshold = cached["indices"], float(cached["threshold"])
@@ -714,7 +714,7 @@ def image_formats():
 def pil_format(extension):
     """PIL's name of the format an extension names (".jpg": "JPEG") if PIL can write our 8-bit
     grayscale grids in it (tried on a 1-pixel image), else None: no writer, a missing plug-in, or
-    no grayscale. The common formats come first; importing every plug-in takes 0.15 s."""
+    no grayscale. The common formats come first: importing every plug-in takes a good part of a second."""
     from PIL import Image
 
     extension = extension.lower()
