@@ -53,7 +53,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
 
-import reproduce_documents
+import reproduce_documents  # DOCUMENT_ROOT read when used: a test writes its documents elsewhere
 from reproduce_plan import (
     EARLY_EPOCHS,
     HISTORY_LIMIT,
@@ -205,11 +205,11 @@ def plan_difference(args, records, run):
     record, differences = records[run], []
     if run in trainings and record["train"]:
         train = record["train"]
-        recorded = (train["flags"], train["epochs"], train["continues"])
-        if recorded != trainings[run]:
+        as_recorded = (train["flags"], train["epochs"], train["continues"])
+        if as_recorded != trainings[run]:
             differences.append("trained as (flags, epochs, the run it continues) {} where the plan gives {}".format(
                 *(f"({shlex.join(flags)}, {epochs}, {continues})" for flags, epochs, continues in
-                  (recorded, trainings[run]))))
+                  (as_recorded, trainings[run]))))
     for m, (planned_run, flags) in chain_measures([run], measures).items():  # the flags whole, as measured
         measurement = record["measurements"].get(m)
         if measurement and (planned_run, flags) != (run, measurement["flags"]):
