@@ -638,4 +638,5 @@ def plot_frontier(metrics, path):
 
 
 def cell(value):
+    """A number as the tables (and --verify's printout) write it: n/a where it has none."""
     return "n/a" if value is None else f"{value:d}" if isinstance(value, int) else f"{value:.3f}"
