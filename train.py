@@ -236,6 +236,7 @@ def fit(parser, args, device, model, checkpoint):
                     f"epoch, whole; only {e.filename} is missing.")
         stop(1, f"error: {explain_os_error(e)}. {how_to_continue(parser, args, last_checkpoint)}")
 
+
 def checkpoint_path(args, epoch):
     return os.path.join(args.checkpoint_dir, f"mix_match_{epoch:02d}.pth")
 
@@ -415,7 +416,7 @@ def train_epoch(model, optimizer, images, batch_size, alpha, step, curriculum_st
     # the epoch's whole order is taken at once and sent to the images' device in one copy, where a
     # copy of each batch's indices would make the CPU wait for the GPU at every step
     order = to_device(torch.cat(list(DataLoader(range(len(images)), batch_size=batch_size, shuffle=True))), images)
-    # only a last batch can hold a single image: main() has said it is skipped
+    # only a last batch can hold a single image: fit() has said it is skipped
     batches = [indices for indices in order.split(batch_size) if len(indices) > 1]
     # the KL weight is annealed per step, not per epoch: the epoch's weights reach the steps as one
     # tensor, in one copy, data that a compiled step reads where a number would be compiled in

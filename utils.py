@@ -515,8 +515,7 @@ def classifier_features(classifier, images, batch_size=2000):
     """The digit classifier's penultimate layer: the 128 ReLU units its last Linear reads the digit
     from. Digits that the classifier tells apart lie apart here, and it was trained on MNIST, so
     this space plays for digits the part Inception's last pooling layer plays for photos in FID."""
-    with torch.no_grad():
-        return torch.cat([classifier[:-2](batch) for batch in images.split(batch_size)])  # (B, 128)
+    return classifier_outputs(classifier, images, batch_size)[1]  # (B, 128)
 
 
 def knn_radii(points, ks):
