@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from model import join_image, split_image
 from utils import (
     active_units,
     add_device_flags,
@@ -28,7 +29,6 @@ from utils import (
     frechet_distance,
     image_formats,
     importance_weighted_nll,
-    join_image,
     load_checkpoint,
     load_mnist,
     load_or_find_neighbours,
@@ -45,7 +45,6 @@ from utils import (
     seed,
     set_seed,
     setup_device,
-    split_image,
     writable_dir,
 )
 
@@ -125,7 +124,8 @@ def run(parser, args):
     checkpoint_path = args.checkpoint or newest_checkpoint(CHECKPOINT_DIR)
     model, checkpoint = load_checkpoint(checkpoint_path, device)
     model.eval()
-    alpha = checkpoint["alpha"] if args.alpha is None else args.alpha
+    settings = checkpoint["config"]  # the run's (model.Config), or the tutorial's for its state_dict
+    alpha = settings["alpha"] if args.alpha is None else args.alpha
     if not 0 <= alpha <= model.config.hidden_dim:
         parser.error(f"--alpha must be in 0..{model.config.hidden_dim} for this checkpoint, got {alpha}")
     if args.figure and model.config.conditioning == "concat":
@@ -167,15 +167,14 @@ def run(parser, args):
         set_seed(args.seed)  # the metrics' own draws: the grid, --figure and --n-images do not move them
         rows = evaluation_metrics(model, classifier, test_images[:args.n_eval], alpha, args.n_samples,
                                   args.n_importance, args.temperature, real)
-        free_bits = checkpoint.get("args", {}).get("free_bits")
-        if free_bits:  # the table is the model's likelihood, not what it was trained on
-            print(f"trained with free bits {free_bits:g}: the likelihoods below are the model's true ELBO and IW "
-                  f"NLL, not its training objective")
+        if settings["free_bits"]:  # the table is the model's likelihood, not what it was trained on
+            print(f"trained with free bits {settings['free_bits']:g}: the likelihoods below are the model's true "
+                  f"ELBO and IW NLL, not its training objective")
         print_metrics(rows, model.config, alpha)
         if args.json:
             save_json({"checkpoint": checkpoint_path, "conditioning": model.config.conditioning,
                        "decoder": model.config.decoder, "alpha": alpha,
-                       "train_alpha": checkpoint["alpha"], "train_seed": checkpoint.get("args", {}).get("seed"),
+                       "train_alpha": settings["alpha"], "train_seed": settings["seed"],
                        "temperature": args.temperature, "seed": args.seed, "n_eval": args.n_eval,
                        "n_samples": args.n_samples, "n_importance": args.n_importance,
                        "classifier_accuracy": accuracy,

@@ -1,9 +1,7 @@
 """
-Pieces shared by train.py and sample.py, in a reader's order: first what the tutorial's steps use
-(the split at pixel 500, the loss and its KL annealing, the seed, MNIST, checkpoints); then the
-measures of sample.py --metrics; then figures; last the safeguards that change no number
-(argument types, devices, file checks, atomic writes, signals, locks). The measures stay here, not
-in sample.py, so that sample.py reads in one sitting and the tests reach each measure on its own.
+What train.py and sample.py share and no trained number depends on: the seed, MNIST and its checks,
+checkpoints; the measures of sample.py --metrics, in a section of their own; figures; then the
+safeguards (argument types, devices, file checks, atomic writes, signals).
 """
 import argparse
 import contextlib
@@ -20,7 +18,6 @@ import re
 import secrets
 import shlex
 import signal
-import socket
 import struct
 import subprocess
 import tempfile
@@ -28,90 +25,21 @@ import threading
 import time
 import warnings
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import MixAndMatchCVAE, ModelConfig
+from model import Config, MixAndMatchCVAE, kl_divergence, split_image
 
-SPLIT = 500  # pixels 0..499 are the data to complete, 500..783 the condition (the digit's bottom)
-TUTORIAL_ALPHA = 64  # alpha used with the tutorial's plain state_dict, which does not store one
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
 # -----------------------------------------------------------------------------
-# the tutorial's steps, in its order (README, "The tutorial, step by step"): the data and the condition,
-# the loss and its annealing, the seed, MNIST, checkpoints
-
-def split_image(images):
-    """(..., 784) images -> data (..., 500): the top to complete, condition (..., 284): the bottom."""
-    return images[..., :SPLIT], images[..., SPLIT:]
-
-
-def join_image(top, bottom):
-    """Put a completed top (..., 500) back on its bottom (..., 284): (..., 784) images."""
-    return torch.cat([top, bottom], dim=-1)
-
-
-def kl_anneal_function(anneal_function, step, k, x0):
-    """Weight of the KL term at a training step (tutorial; Bowman et al. 2016): a logistic ramp
-    centred on step x0 with slope k, or a linear ramp reaching 1 at step x0."""
-    if anneal_function == "logistic":
-        return float(1 / (1 + np.exp(-k * (step - x0))))
-    if anneal_function == "linear":
-        return min(1.0, step / x0)
-    raise ValueError(f"anneal_function must be 'logistic' or 'linear', got {anneal_function!r}")
-
-
-def kl_divergence(mu, logvar):
-    """Per image (B,): KL(q(z|x,c) || N(0, I)) = -0.5 * sum(1 + logvar - mu^2 - exp(logvar))."""
-    return kl_per_unit(mu, logvar).sum(1)
-
-
-def kl_per_unit(mu, logvar):
-    """(B, latent_dim): the KL of each latent unit, the terms kl_divergence sums."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
-
-
-class BinaryCrossEntropySum(torch.autograd.Function):
-    """F.binary_cross_entropy(probabilities, target, reduction="sum"), the tutorial's BCE, with the
-    forward written as whole-tensor operations: on a CPU torch's own forward calls log1p one
-    element at a time, 3 to 4 times slower (README, "Speed"). The backward is torch's own, so the
-    gradients, and with them training, are bit-identical; the loss value agrees to float
-    rounding (log(1 - p) here, log1p(-p) there)."""
-
-    @staticmethod
-    def forward(ctx, probabilities, target):
-        ctx.save_for_backward(probabilities, target)
-        # like torch, each log is clamped at -100, so a saturated pixel costs 100 nats, not inf
-        log_p = probabilities.log().clamp_min_(-100)
-        log_1mp = (1 - probabilities).log_().clamp_min_(-100)
-        return -torch.lerp(log_1mp, log_p, target).sum()  # lerp: t log p + (1 - t) log(1 - p)
-
-    @staticmethod
-    def backward(ctx, grad):
-        probabilities, target = ctx.saved_tensors
-        reduction_sum = 2  # torch's enum for reduction="sum"
-        return torch.ops.aten.binary_cross_entropy_backward(grad, probabilities, target, None, reduction_sum), None
-
-
-def free_bits_kl(mu, logvar, free_bits):
-    """Free bits (Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow",
-    NeurIPS 2016, its appendix on free bits): the KL of each latent unit, averaged over the batch,
-    counts as at least free_bits nats, sum_u max(free_bits, mean_batch KL_u), times the batch size
-    to sum over it as loss_terms does. Below free_bits a unit's KL has no gradient: nothing is
-    gained by pushing it lower, so the optimiser need not give the unit up."""
-    return len(mu) * kl_per_unit(mu, logvar).mean(0).clamp_min(free_bits).sum()
-
-
-def loss_terms(reconstruction, data, mu, logvar):
-    """The two ELBO terms, summed over the batch: BCE of the completed pixels, and KL."""
-    return BinaryCrossEntropySum.apply(reconstruction, data), kl_divergence(mu, logvar).sum()
-
+# the seed, MNIST, checkpoints
 
 def set_seed(seed):
     # every generator a run could touch; ours draws only from torch's
@@ -228,34 +156,32 @@ def check_idx_files(raw):
                              f"where digits 0 to 9 belong. Replace it with the MNIST file.")
 
 
-def save_checkpoint(path, model, optimizer, alpha, epoch, step, args, curriculum_step=0, history=()):
-    """Everything --resume needs, as plain dicts, tensors and numbers (so weights_only=True loads
-    it), written atomically."""
+def save_checkpoint(path, model, optimizer, config, epoch, step, history):
+    """Everything --resume needs, the run's settings whole among it, as plain dicts, tensors and
+    numbers (so weights_only=True loads it), written atomically."""
     device = model.mean.weight.device
     checkpoint = {
         "model": model.state_dict(),
-        "config": asdict(model.config),
-        "alpha": alpha,
+        "config": asdict(config),  # model.Config: the model's sizes and the recipe
         "epoch": epoch,
         "step": step,
-        "curriculum_step": curriculum_step,
         "history": list(history),  # one dict of numbers per epoch, for --resume and the curves
         "optimizer": optimizer.state_dict(),
-        "device": str(device),  # the one the run used; its args say what was asked for ("auto")
+        "device": str(device),  # the one the run used; its args.json says what was asked for ("auto")
         # the CPU's generator shuffles the batches; the device's draws the Sampling and z (the CPU's
         # again on a CPU)
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
                 else None},
-        "args": vars(args),
     }
     if device.type == "mps":  # a Mac's GPU has a generator of its own
         checkpoint["rng"]["mps"] = torch.mps.get_rng_state()
     atomic_save(checkpoint, path)
 
 
-def load_checkpoint(path, device):
-    """Our checkpoint, or the tutorial's plain state_dict (default sizes, alpha 64).
-    Returns (model on device, checkpoint dict); errors a user can cause end in one message."""
+def load_checkpoint(path, device, resume=False):
+    """(model on device, checkpoint dict) of our checkpoint, or of the tutorial's plain state_dict
+    (the default settings); with `resume`, only a checkpoint train.py can continue. Errors a user
+    can cause end in one message."""
     if os.path.isdir(path):
         raise SystemExit(f"error: checkpoint {path!r} is a folder; pass one of its mix_match_*.pth files")
     if not os.path.isfile(path):
@@ -272,22 +198,36 @@ def load_checkpoint(path, device):
         raise SystemExit(f"error: {path!r} holds a {type(checkpoint).__name__}, not a checkpoint")
     bare = "model" not in checkpoint  # the tutorial's published file: a bare state_dict
     if bare:
-        checkpoint = {"model": checkpoint, "config": asdict(ModelConfig()), "alpha": TUTORIAL_ALPHA}
-    missing = [key for key in ("config", "alpha") if key not in checkpoint]
+        checkpoint = {"model": checkpoint, "config": asdict(Config())}
+    if bare and resume:
+        raise SystemExit(f"error: {path!r} holds model weights only (no optimizer state); --resume needs a "
+                         f"checkpoint written by train.py")
+    keys = ("config", "epoch", "step", "history", "optimizer", "device", "rng") if resume else ("config",)
+    missing = [key for key in keys if key not in checkpoint]
     if missing:
-        raise SystemExit(f"error: {path!r} holds model weights but no {' or '.join(missing)}: it was not written by "
-                         f"this repository's train.py. Pass another --checkpoint, or retrain.")
+        raise SystemExit(f"error: {path!r} has no {', '.join(missing)}: it was not written by this version of "
+                         f"train.py" + (", which --resume needs" if resume else "") + ". Pass another checkpoint, "
+                         "or retrain.")
+    config = checkpoint["config"]
+    try:
+        unknown = set(config) ^ {f.name for f in fields(Config)} if isinstance(config, dict) else "not a dict"
+        if unknown:
+            raise ValueError(f"settings {sorted(unknown) if isinstance(unknown, set) else unknown} are not this "
+                             f"version's")
+        model = MixAndMatchCVAE(Config(**config).check())
+    except ValueError as e:
+        raise SystemExit(f"error: checkpoint {path!r} holds settings train.py refuses ({e}): it was edited or "
+                         f"written by another version. Pass another checkpoint, or retrain.")
     broken = first_non_finite(checkpoint)
     if broken:  # saved by a crashed program or edited: sampling would give blank completions, training NaN
         raise SystemExit(f"error: checkpoint {path!r} holds a NaN or infinite value in {broken}: it was saved "
                          f"broken. Use an earlier checkpoint of the run, or retrain.")
     try:
-        model = MixAndMatchCVAE(ModelConfig(**checkpoint["config"]))
         model.load_state_dict(checkpoint["model"], strict=True)
     except (TypeError, RuntimeError, KeyError) as e:
         # load_state_dict's first line is a header; the next names the first mismatch
         lines = [line.strip() for line in str(e).strip().splitlines()]
-        sizes = "a bare state_dict, read with the tutorial's sizes" if bare else f"sizes {checkpoint.get('config')}"
+        sizes = "a bare state_dict, read with the tutorial's sizes" if bare else f"settings {config}"
         raise SystemExit(f"error: checkpoint {path!r} does not match MixAndMatchCVAE ({sizes}): "
                          f"{shorten_keys(lines[1] if len(lines) > 1 else lines[0])}. Pass another --checkpoint, "
                          f"or retrain.")
@@ -1000,88 +940,3 @@ def signals_deferred():
             signal.signal(signum, handler)
         if received:
             signal.raise_signal(received[0])  # now handled as usual: KeyboardInterrupt, say
-
-
-@contextlib.contextmanager
-def process_lock(path):
-    """Yields None while this process holds the lock file `path` (made with O_EXCL, holding this
-    host's name and this process's id, removed at the end, Ctrl-C included); else a description of
-    the holder ("process 123 on host-a"). A lock keeps two processes of one machine apart; one whose
-    process has ended (killed, crashed) is taken over, and so is one of another host, whose process
-    cannot be seen from here: machines share a folder through a scheduler, which gives each chain
-    of runs one task (tests/reproduce_slurm.py), and a task it requeues on another node takes its
-    lock over."""
-    holder = None
-    for _ in range(2):  # once more after removing a dead process's lock
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = lock_holder(path)
-            if holder:
-                break
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-        try:
-            yield None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        return
-    yield holder or "an unknown process"
-
-
-def lock_holder(path):
-    """Who holds the lock file `path` ("process 123 on host-a"), or None if that process has ended
-    or is of another host. A lock being written (no id yet) counts as held; a lock of an older
-    version holds a process id alone, of this host."""
-    try:
-        with open(path, "rb") as f:
-            content = f.read()
-    except FileNotFoundError:
-        return None
-    words = content.decode("utf-8", errors="replace").split()
-    if not words:  # being written: held
-        return "an unknown process"
-    if len(words) == 1:  # an older version's lock: a process id alone, written on this host
-        words = [socket.gethostname(), *words]
-    if len(words) != 2 or not words[1].isdigit() or b"\0" in content or "\ufffd" in words[0]:
-        raise SystemExit(f"error: the lock file {path} holds {content[:40]!r}, not a host and a process id: it is not "
-                         f"this code's; if nothing runs in that folder, delete it and run the same command again")
-    host, pid = words
-    if host != socket.gethostname():  # not this machine's to keep
-        return None
-    return f"process {pid} on {host}" if process_alive(int(pid)) else None
-
-
-def process_alive(pid):
-    """Whether the process `pid` of this machine is running. Signal 0 only asks, on POSIX; on
-    Windows os.kill(pid, 0) sends Ctrl-C (0 is CTRL_C_EVENT there), so the system's process API is
-    asked instead."""
-    if WINDOWS:
-        return windows_process_alive(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
-
-
-def windows_process_alive(pid):
-    """OpenProcess, then GetExitCodeProcess: STILL_ACTIVE while it runs. A process of another user
-    cannot be opened (access denied) and runs; an id no process has cannot (invalid parameter)."""
-    import ctypes
-
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED
-    try:
-        code = ctypes.c_ulong()
-        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)

@@ -46,7 +46,6 @@ Notes for whoever optimises this next (2 CPU cores; README, Speed, has the summa
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import os
 import resource
@@ -64,10 +63,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import train
-from model import FRAME, MixAndMatchCVAE, ModelConfig
+from model import FRAME, Config, MixAndMatchCVAE, kl_divergence, split_image
 from sample import completion_grid
-from train import anneal_weight, batch_loss, compiled_batch_loss, teacher_forcing_probability, train_epoch
-from utils import get_device, given, kl_divergence, load_mnist, mnist_dataset, positive_int, split_image
+from train import anneal_weight, train_epoch
+from utils import get_device, given, load_mnist, mnist_dataset, positive_int
 
 
 class TutorialModel(MixAndMatchCVAE):
@@ -123,8 +122,9 @@ def framework_seconds_per_step(device, images, alpha, steps=200):
     framework's time per step (Python, dispatch, autograd, Adam), which batch 128 pays too."""
     model = MixAndMatchCVAE().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    train_epoch(model, optimizer, images[:2 * steps], 2, alpha, 0)  # warm-up
-    return timed(device, train_epoch, model, optimizer, images[:2 * steps], 2, alpha, 0) / steps
+    config = Config(batch_size=2, alpha=alpha)
+    train_epoch(model, optimizer, images[:2 * steps], config, 0)  # warm-up
+    return timed(device, train_epoch, model, optimizer, images[:2 * steps], config, 0) / steps
 
 
 def matmul_gflops(device, n=2048, repeats=10):
@@ -156,8 +156,8 @@ def timed(device, fn, *args):
 def whole_run(data_root, device, epochs, flags=()):
     """train.py's main() for `epochs` epochs with `flags`, in a temporary folder, with its
     train_epoch timed. Returns seconds per epoch: the wall time from the first epoch's start to
-    main()'s end (so evaluation, figures and checkpoints included, data loading and --compile's
-    compiling not), and the loop's own; and the run's history."""
+    main()'s end (so evaluation, figures and checkpoints included, data loading not), and the
+    loop's own; and the run's history."""
     loop, starts = [], []
 
     def timed_train_epoch(*args):
@@ -179,31 +179,6 @@ def whole_run(data_root, device, epochs, flags=()):
     return (end - starts[0]) / epochs, sum(loop) / epochs, history
 
 
-def compiled_against_eager(data_root, device, epochs):
-    """The default run, seed 0, eager and with --compile, side by side: seconds per epoch, and the
-    compiled run's numbers judged against the eager run's as --verify judges a run trained on
-    another machine (tests/reproduce_results.py: in seed sds of the MLP family's records, the
-    first epochs' root mean square against its limit, each number against its own)."""
-    from reproduce_plan import HISTORY_LIMIT, RECORDS, judge, numbers, read_records, seed_spreads
-
-    runs = {name: whole_run(data_root, device, epochs, flags) for name, flags in (("eager", []),
-                                                                                  ("compiled", ["--compile"]))}
-    for name, (run_s, loop_s, history) in runs.items():
-        print(f"train.py, {epochs} epochs, {name}: {run_s:.2f} s per epoch, of which the training loop {loop_s:.2f} s; "
-              f"last test loss {history[-1]['test_loss']:.2f}, train KL {history[-1]['train_kl']:.2f}", flush=True)
-    eager, compiled = ({"run": name, "history": runs[name][2], "measurements": {}} for name in runs)
-    spread = seed_spreads("mix-and-match-seed0", read_records(RECORDS))
-    verdict = judge(numbers(eager), numbers(compiled), spread)
-    last = f"epoch {epochs}"
-    far = {key: abs(compiled["history"][-1][key] - eager["history"][-1][key]) / spread[f"{last} {key}"]
-           for key in ("test_loss", "train_kl")}
-    print(f"the compiled run against the eager one, in seed sds of the records: its first epochs "
-          f"{verdict['history']:.2f} (--verify's limit {HISTORY_LIMIT}), each number at most {verdict['worst']:.2f} "
-          f"(the limit {verdict['limit']:.2f} for {verdict['judged']}), the last test loss {far['test_loss']:.2f}, "
-          f"the last train KL {far['train_kl']:.2f}: "
-          + ("within --verify's criterion" if verdict["agrees"] else "outside --verify's criterion"))
-
-
 def decoder_seconds(images, device, epochs, batch_size, alpha):
     """{decoder: train.py's train_epoch seconds per epoch}, epochs interleaved across the decoders,
     the median after one warm-up. The recurrent decoder teacher-forced (one GRU call, its
@@ -213,62 +188,22 @@ def decoder_seconds(images, device, epochs, batch_size, alpha):
     variants = {"mlp": ("mlp", 1.0), "autoregressive": ("autoregressive", 1.0),
                 "recurrent, teacher-forced": ("recurrent", 1.0), "recurrent, schedule at 0.5": ("recurrent", 0.5),
                 "recurrent, its GRU free": ("recurrent", 1.0)}
-    models = {name: MixAndMatchCVAE(ModelConfig(decoder=decoder)).to(device) for name, (decoder, _) in variants.items()}
-    models["recurrent, its GRU free"].recurrent_decoder.gru = FreeGRU()
+    models = {name: MixAndMatchCVAE(Config(decoder=decoder)).to(device) for name, (decoder, _) in variants.items()}
+    models["recurrent, its GRU free"].data_decoder.gru = FreeGRU()
+    config = Config(batch_size=batch_size, alpha=alpha)
     optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-4, fused=True) for name, model in models.items()}
     times = {name: [] for name in [*variants, "its GRU's matmuls alone"]}
     for epoch in range(epochs + 1):
         for name, (_, teacher_forcing) in variants.items():
-            t = timed(device, train_epoch, models[name], optimizers[name], images, batch_size, alpha,
-                      epoch * len(images) // batch_size, None, teacher_forcing)
+            models[name].data_decoder.teacher_forcing = teacher_forcing  # as the schedule sets it
+            t = timed(device, train_epoch, models[name], optimizers[name], images, config,
+                      epoch * len(images) // batch_size)
             if epoch > 0:
                 times[name].append(t)
-        t = timed(device, gru_matmuls, device, len(images) // batch_size, batch_size, ModelConfig().hidden_dim)
+        t = timed(device, gru_matmuls, device, len(images) // batch_size, batch_size, Config().hidden_dim)
         if epoch > 0:
             times["its GRU's matmuls alone"].append(t)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def compile_seconds(images, device, epochs, batch_size, alpha, modes):
-    """{variant: {mode: (compile seconds, train_epoch seconds per epoch)}} for each decoder variant,
-    eager and with train.py --compile in each mode: the compile as train.py does it before its
-    first epoch (compiled_batch_loss, every case the variant meets), then epochs interleaved across
-    variants and modes, the median after one warm-up."""
-    torch._dynamo.config.cache_size_limit = 64  # one process compiles every variant in every mode
-    variants = {"mlp": ("mlp", 0), "autoregressive": ("autoregressive", 0),
-                "recurrent, teacher-forced": ("recurrent", 0), "recurrent, schedule at 0.5": ("recurrent", 2)}
-    runs, seconds = {}, {}
-    for (name, (decoder, teacher_forcing_epochs)), mode in itertools.product(variants.items(), ["eager", *modes]):
-        torch.manual_seed(0)
-        model = MixAndMatchCVAE(ModelConfig(decoder=decoder)).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-        # the schedule's epoch 2 of 2: a teacher-forcing probability of 0.5
-        args = argparse.Namespace(batch_size=batch_size, alpha=alpha, free_bits=0.0, decoder=decoder,
-                                  teacher_forcing_epochs=teacher_forcing_epochs, epochs=max(1, teacher_forcing_epochs))
-        t0 = time.perf_counter()
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                step_loss = batch_loss if mode == "eager" else compiled_batch_loss(model, images, args, args.epochs,
-                                                                                    mode)
-        except SystemExit as e:  # this platform cannot compile: the line says why
-            print(f"{name}, {mode}: {e}", flush=True)
-            continue
-        compile_s = time.perf_counter() - t0
-        teacher_forcing = teacher_forcing_probability(args.epochs, teacher_forcing_epochs)
-        runs[name, mode] = (model, optimizer, teacher_forcing, step_loss)
-        seconds[name, mode] = (compile_s, [])
-    for epoch in range(epochs + 1):
-        for (name, mode), (model, optimizer, teacher_forcing, step_loss) in list(runs.items()):
-            try:
-                t = timed(device, train_epoch, model, optimizer, images, batch_size, alpha,
-                          epoch * len(images) // batch_size, None, teacher_forcing, 0.0, step_loss)
-            except Exception as e:  # noqa: BLE001 (a mode that compiles but fails to run, say CUDA graphs: shown)
-                print(f"{name}, {mode}: failed in training ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-                del runs[name, mode], seconds[name, mode]
-                continue
-            if epoch > 0:
-                seconds[name, mode][1].append(t)
-    return {(name, mode): (compile_s, statistics.median(times)) for (name, mode), (compile_s, times) in seconds.items()}
 
 
 class FreeGRU(torch.nn.Module):
@@ -311,20 +246,12 @@ def main():
     parser.add_argument("--device", default="auto", help="(default: auto)")
     parser.add_argument("--decoders-only", action="store_true",
                         help="time an epoch of each decoder against the MLP's, and nothing else")
-    parser.add_argument("--compile", action="store_true",
-                        help="time train.py --compile against eager for each decoder (with CUDA graphs too on a "
-                             "GPU), then the default run both ways for --run-epochs, its numbers judged as "
-                             "--verify judges; nothing else")
     args = parser.parse_args()
     device = get_device(args.device)
     batch_size, lr, alpha = 128, 1e-4, 64
 
     torch.manual_seed(0)
     images, _ = load_mnist(args.data_root, train=True, device=device)
-    if args.compile:
-        print_compile_table(images, device, args.epochs, batch_size, alpha)
-        compiled_against_eager(args.data_root, device, args.run_epochs)
-        return
     decoders = decoder_seconds(images, device, args.epochs, batch_size, alpha)
     print(f"train_epoch per decoder, median of {args.epochs} epochs after 1 warm-up, {torch.get_num_threads()} torch "
           f"threads:\n" + "\n".join(f"{name:<32} {seconds:8.2f} s/epoch  {seconds / decoders['mlp']:.2f}x the mlp's"
@@ -343,7 +270,8 @@ def main():
     times = {"ours": [], "tutorial": []}
     for epoch in range(args.epochs + 1):  # interleaved, so that machine noise hits both alike
         step = epoch * len(loader)  # the KL weight's step, as in a real run
-        t_ours = timed(device, train_epoch, ours, ours_optimizer, images, batch_size, alpha, step)
+        t_ours = timed(device, train_epoch, ours, ours_optimizer, images, Config(batch_size=batch_size, alpha=alpha),
+                       step)
         t_tutorial = timed(device, tutorial_epoch, tutorial, tutorial_optimizer, loader, alpha, step, device)
         if epoch > 0:  # epoch 0 warms up
             times["ours"].append(t_ours)
@@ -379,20 +307,6 @@ def main():
           f"{run_loop_s:.2f} s: {100 * (run_s / run_loop_s - 1):.1f}% outside it (evaluation, figures, checkpoint)")
     print(f"sample.py grid (20 x 18 completions): {1000 * sample_s:.1f} ms")
     print(f"peak RSS of this process (both pipelines): {rss_mib:.0f} MiB")
-
-
-def print_compile_table(images, device, epochs, batch_size, alpha, run_epochs=50):
-    modes = ["default", "reduce-overhead"] if device.type == "cuda" else ["default"]
-    seconds = compile_seconds(images, device, epochs, batch_size, alpha, modes)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; train_epoch, median of "
-          f"{epochs} epochs after 1 warm-up; a {run_epochs}-epoch run's speed-up counts the compile once")
-    print(f"{'decoder':<28} {'mode':<16} {'compile s':>9} {'s/epoch':>8} {'per epoch':>9} {f'{run_epochs} epochs':>9}")
-    for (variant, mode), (compile_s, epoch_s) in seconds.items():
-        eager_s = seconds[variant, "eager"][1]
-        compiled = mode != "eager"
-        print(f"{variant:<28} {mode:<16} {compile_s if compiled else 0:9.1f} {epoch_s:8.3f} {eager_s / epoch_s:8.2f}x "
-              f"{run_epochs * eager_s / (run_epochs * epoch_s + (compile_s if compiled else 0)):8.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -209,8 +209,10 @@ def train(in_process, tmp_path, mnist_root):
     return run
 
 def checkpoints_on_disk(folder):
-    """Every file of a checkpoint folder: names and bytes; fails if one is not a whole checkpoint."""
-    files = {os.path.basename(p): Path(p).read_bytes() for p in sorted(glob.glob(os.path.join(folder, "*")))}
+    """Every checkpoint of a folder: names and bytes; fails if a file there is not a whole checkpoint
+    (train.py's lock aside)."""
+    files = {os.path.basename(p): Path(p).read_bytes() for p in sorted(glob.glob(os.path.join(folder, "*")))
+             if not p.endswith("train.lock")}
     assert not [name for name in files if not name.endswith(".pth")], files.keys()  # no .tmp
     for name in files:
         checkpoint = torch.load(os.path.join(folder, name), weights_only=True)

@@ -17,8 +17,7 @@ Then, in parallel processes (nothing timed):
    a repeat is equal is shown, not required.
 6. The default 50-epoch run twice with --deterministic: bit for bit?
 
-It prints its tables and exits 1 when a promise fails, 2 where there is no GPU. `tests/bench_train.py
---compile --device cuda` times eager against compiled training there.
+It prints its tables and exits 1 when a promise fails, 2 where there is no GPU.
 """
 import argparse
 import os
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from model import MixAndMatchCVAE, ModelConfig
+from model import Config, MixAndMatchCVAE
 from train import train_epoch
 from utils import given, load_mnist, positive_int, set_numerics, writable_dir
 
@@ -68,7 +67,7 @@ def main():
     cpu_images = load_mnist(args.data_root, train=True, device=torch.device("cpu"))[0]
     gpu_images = cpu_images.to("cuda")
     for name in DECODERS:
-        config = ModelConfig(decoder=name)
+        config = Config(decoder=name)
         syncs, steps = count_syncs(config, gpu_images[:128 * args.steps])
         gpu, cpu = (epoch_seconds(config, images) for images in (gpu_images, cpu_images))
         rows[name] = [f"{syncs / steps:.2f}", f"{gpu:.2f}", f"{cpu:.2f}"]
@@ -122,13 +121,14 @@ def count_syncs(config, images):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     # warm-up, an epoch of the same size: the first call's handles, and the pinned host memory of the
     # epoch's copies (its first allocation of a size may wait, once; a run's later epochs reuse it)
-    train_epoch(model, optimizer, images, 128, 64, 0, None, 0.5)
+    model.data_decoder.teacher_forcing = 0.5  # the recurrent decoder row by row, as on its schedule
+    train_epoch(model, optimizer, images, config, 0)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_epoch(model, optimizer, images, 128, 64, 0, None, 0.5)
+            train_epoch(model, optimizer, images, config, 0)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
@@ -142,9 +142,9 @@ def epoch_seconds(config, images):
     torch.manual_seed(0)
     model = MixAndMatchCVAE(config).to(images.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    train_epoch(model, optimizer, images[:1280], 128, 64, 0)  # warm-up
+    train_epoch(model, optimizer, images[:1280], config, 0)  # warm-up
     t0 = time.time()
-    train_epoch(model, optimizer, images, 128, 64, 0)  # its .item() waits for the GPU's last step
+    train_epoch(model, optimizer, images, config, 0)  # its .item() waits for the GPU's last step
     return time.time() - t0
 
 

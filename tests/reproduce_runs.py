@@ -16,6 +16,7 @@ import threading
 import time
 
 import torch
+from filelock import FileLock, Timeout
 
 from one_side_random import SIDES
 from reproduce_plan import (
@@ -26,7 +27,9 @@ from reproduce_plan import (
     read_json_file,
     recorded,
 )
-from utils import process_lock, save_json
+from utils import (
+    save_json,
+)
 
 # the seed-0 completion grids of the report, copied into samples/ as each is measured:
 # {measurement: file under samples/}
@@ -38,13 +41,17 @@ GRIDS = {"shipped-T1": "sampled.png", "fixed-seed0-T1": "sampled_fixed.png",
 
 def do_chain(args, chain, trainings, measures, after_each=None):
     """Train, measure and record each run of a chain that is not recorded yet, holding the chain's
-    lock (a chain another process of this machine holds is left to it); measures: the chain's
-    measurements, {name: (run, sample.py flags)}, chain_measures. after_each() runs after each record."""
+    lock (a chain another worker or process holds is left to it; the system releases the lock of a
+    process that ended, so a task that SLURM requeues takes its chain again, on any node that shares
+    the folder); measures: the chain's measurements, {name: (run, sample.py flags)}, chain_measures.
+    after_each() runs after each record."""
     os.makedirs(args.runs_dir, exist_ok=True)
-    with process_lock(os.path.join(args.runs_dir, f"{chain[0]}.lock")) as holder:
-        if holder:
-            print(f"{chain[0]}: another reproduction ({holder}) is on it", flush=True)
-            return
+    try:
+        lock = FileLock(os.path.join(args.runs_dir, f"{chain[0]}.lock"), timeout=0).acquire()
+    except Timeout:
+        print(f"{chain[0]}: another reproduction is on it", flush=True)
+        return
+    with lock:
         for name in chain:
             if recorded(args, name):
                 continue

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from conftest import N_TEST, N_TRAIN, run_script, write_idx
-from model import MixAndMatchCVAE, ModelConfig
-from train import curriculum_stage
+from model import Config, MixAndMatchCVAE, curriculum_stage, split_image
 from utils import (
     active_units,
     bottom_neighbours,
@@ -26,12 +25,11 @@ from utils import (
     manifold_measures,
     multimodal_distances,
     posterior_draws,
-    split_image,
 )
 
 
 def test_fixed_conditioning_always_takes_the_first_alpha_indices():
-    model = MixAndMatchCVAE(ModelConfig(conditioning="fixed"))
+    model = MixAndMatchCVAE(Config(conditioning="fixed"))
     for _ in range(3):
         sampled, complementary = model.sampling(64)
         assert sampled.tolist() == list(range(64)) and sorted(complementary.tolist()) == list(range(64, 128))
@@ -41,9 +39,9 @@ def test_fixed_conditioning_always_takes_the_first_alpha_indices():
 
 def test_unknown_conditioning_or_decoder_is_refused():
     with pytest.raises(ValueError, match="conditioning must be one of"):
-        MixAndMatchCVAE(ModelConfig(conditioning="concatenate"))
+        MixAndMatchCVAE(Config(conditioning="concatenate"))
     with pytest.raises(ValueError, match="decoder must be one of"):
-        MixAndMatchCVAE(ModelConfig(decoder="rnn"))
+        MixAndMatchCVAE(Config(decoder="rnn"))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 10, 31])
@@ -61,10 +59,14 @@ def test_curriculum_sets_keep_alpha_minus_s_known_indices(stage):
 
 def test_curriculum_schedule():
     # alpha 64 of 128: stages 0..31 (th = 32), then full random Sampling (None)
-    assert [curriculum_stage(e, 1, 64, 128) for e in (1, 2, 32, 33, 50)] == [0, 1, 31, None, None]
-    assert [curriculum_stage(e, 3, 64, 128) for e in (1, 3, 4, 96, 97)] == [0, 0, 1, 31, None]
-    assert curriculum_stage(1, 0, 64, 128) is None  # off: the tutorial
-    assert [curriculum_stage(e, 1, 100, 128) for e in (14, 15)] == [13, None]  # th = (128 - 100) / 2
+    def stages(step, alpha, epochs):
+        return [curriculum_stage(e, Config(curriculum_step=step, alpha=alpha)) for e in epochs]
+    assert stages(1, 64, (1, 2, 32, 33, 50)) == [0, 1, 31, None, None]
+    assert stages(3, 64, (1, 3, 4, 96, 97)) == [0, 0, 1, 31, None]
+    assert stages(0, 64, (1,)) == [None]  # off: the tutorial
+    assert stages(1, 100, (14, 15)) == [13, None]  # th = (128 - 100) / 2
+    model = MixAndMatchCVAE(Config(curriculum_step=1))
+    assert model.schedule(3) == {"curriculum_stage": 2, "teacher_forcing": 1.0} and model.curriculum_stage == 2
 
 
 def test_diversity_and_errors_on_hand_made_completions():
@@ -88,7 +90,7 @@ def test_conditional_inception_score():
 @pytest.mark.parametrize("decoder", ["mlp", "autoregressive"])
 def test_importance_weighted_nll_is_tighter_than_the_elbo(decoder):
     torch.manual_seed(0)
-    model = MixAndMatchCVAE(ModelConfig(hidden_dim=16, latent_dim=4, decoder=decoder)).eval()
+    model = MixAndMatchCVAE(Config(hidden_dim=16, latent_dim=4, decoder=decoder)).eval()
     data, condition = split_image(torch.rand(64, 784))
     log_w, bce, kl, _ = posterior_draws(model, data, condition, alpha=8, n_importance=50)
     negative_elbo = (bce + kl).mean()

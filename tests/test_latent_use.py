@@ -1,23 +1,24 @@
 """The options that test the paper's claim (samples/README.md, "Does Mix-and-Match keep the latent in use?"):
 the autoregressive decoder, the concatenating CVAE, and the diversity of completions by source."""
-import argparse
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import train_resume_and_measure
-from model import MixAndMatchCVAE, ModelConfig
+from model import Config, MixAndMatchCVAE, split_image
 from sample import complete
-from train import TUTORIAL, resolve_run_flags
-from utils import completion_distances, posterior_draws, split_image
+from utils import (
+    completion_distances,
+    posterior_draws,
+)
 
 
 def autoregressive(**sizes):
     torch.manual_seed(0)
-    model = MixAndMatchCVAE(ModelConfig(decoder="autoregressive", **sizes)).eval()
+    model = MixAndMatchCVAE(Config(decoder="autoregressive", **sizes)).eval()
     with torch.no_grad():  # a map of the previous pixels strong enough that a mistake would show
-        decoder = model.autoregressive_decoder
+        decoder = model.data_decoder
         decoder.previous_pixels.weight.normal_(0, 0.3).mul_(decoder.causal_mask)
     return model
 
@@ -49,8 +50,8 @@ def test_autoregressive_likelihood_is_the_chain_rule_pixel_by_pixel():
     model = autoregressive(hidden_dim=16, latent_dim=4)
     z, condition_h, sampled = decoder_inputs(model)
     data = torch.rand(6, 500)
-    decoder = model.autoregressive_decoder
-    logits = decoder.mlp[:-1](model.combine(condition_h, model.decode_latent(z), sampled))
+    decoder = model.data_decoder
+    logits = decoder.mlp.logits(model.combine(condition_h, model.decode_latent(z), sampled))
     weight = decoder.previous_pixels.weight
     reference = torch.stack([torch.sigmoid(logits[:, i] + data[:, :i] @ weight[i, :i]) for i in range(500)], 1)
     assert torch.allclose(model.decode(z, condition_h, sampled, data), reference, atol=1e-6)
@@ -81,7 +82,7 @@ def test_generation_is_teacher_forcing_on_its_own_pixels():
 
 def test_concat_sees_both_representations_whole_and_draws_no_sampling():
     torch.manual_seed(0)
-    model = MixAndMatchCVAE(ModelConfig(conditioning="concat")).eval()
+    model = MixAndMatchCVAE(Config(conditioning="concat")).eval()
     assert model.sampling(64) == (None, None)
     data, condition = torch.rand(4, 500), torch.rand(4, 284)
     condition_h, z = model.condition_encoder(condition), torch.randn(4, 32)
@@ -99,7 +100,7 @@ def test_concat_sees_both_representations_whole_and_draws_no_sampling():
 
 
 def test_parameter_counts_of_the_three_conditionings_and_two_decoders():
-    counts = {(c, d): sum(p.numel() for p in MixAndMatchCVAE(ModelConfig(conditioning=c, decoder=d)).parameters())
+    counts = {(c, d): sum(p.numel() for p in MixAndMatchCVAE(Config(conditioning=c, decoder=d)).parameters())
               for c in ("mix-and-match", "fixed", "concat") for d in ("mlp", "autoregressive")}
     assert counts[("mix-and-match", "mlp")] == counts[("fixed", "mlp")] == 311196  # the tutorial's model
     # concat's posterior layers and first decoder layer read 256 entries instead of 128
@@ -110,7 +111,7 @@ def test_parameter_counts_of_the_three_conditionings_and_two_decoders():
 
 def test_diversity_by_source_holds_the_other_source_fixed():
     torch.manual_seed(0)
-    model = MixAndMatchCVAE(ModelConfig(hidden_dim=16, latent_dim=4)).eval()
+    model = MixAndMatchCVAE(Config(hidden_dim=16, latent_dim=4)).eval()
     condition = torch.rand(5, 284)
     torch.manual_seed(1)
     one_sampling = model.sampling(8)[0]
@@ -123,7 +124,7 @@ def test_diversity_by_source_holds_the_other_source_fixed():
     one_z = torch.randn(5, 4)
     sampling_alone = split_image(complete(model, condition, 8, 4, z=one_z))[0]
     assert completion_distances(sampling_alone, sampling_alone[:, 0])[0].mean() > 0  # only I differs
-    fixed = MixAndMatchCVAE(ModelConfig(hidden_dim=16, latent_dim=4, conditioning="fixed")).eval()
+    fixed = MixAndMatchCVAE(Config(hidden_dim=16, latent_dim=4, conditioning="fixed")).eval()
     same = split_image(complete(fixed, condition, 8, 4, z=one_z))[0]
     assert completion_distances(same, same[:, 0])[0].abs().max() < 1e-6  # the fixed split: 0 by construction
 
@@ -140,17 +141,3 @@ def test_autoregressive_concat_trains_resumes_and_samples_end_to_end(tmp_path, m
     # no Sampling: said, not printed as a zero that would read as a finding
     assert metrics["diversity_sampling"]["model"] is None
     assert "n/a: concat conditioning: the Sampling alone gives no diversity by construction" in result.stdout
-
-
-def test_a_checkpoint_from_before_the_decoder_flag_resumes_as_mlp():
-    checkpoint = {"config": {"hidden_dim": 128, "latent_dim": 32, "conditioning": "fixed"}, "alpha": 64,
-                  "curriculum_step": 0, "args": {"lr": 1e-3, "batch_size": 64}}
-    args = argparse.Namespace(**dict.fromkeys([*TUTORIAL, "teacher_forcing_epochs"]))
-    resolve_run_flags(args, checkpoint)
-    assert (args.decoder, args.conditioning, args.lr, args.batch_size) == ("mlp", "fixed", 1e-3, 64)
-    # and from before the recurrent decoder and the two fixes: trained without them
-    assert (args.teacher_forcing_epochs, args.history_dropout, args.free_bits) == (0, 0.0, 0.0)
-    args = argparse.Namespace(**{**dict.fromkeys([*TUTORIAL, "teacher_forcing_epochs"]),
-                                 "decoder": "autoregressive"})
-    with pytest.raises(SystemExit, match=r"--decoder autoregressive \(the checkpoint has mlp\)"):
-        resolve_run_flags(args, checkpoint)

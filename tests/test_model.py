@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import MixAndMatchCVAE, ModelConfig
+from model import Config, MixAndMatchCVAE
 
 
 def batchnorm(prefix, width):
@@ -106,7 +106,7 @@ def test_forward_and_sample_shapes_and_ranges():
 
 
 def test_temperature_scales_the_latent():
-    model = MixAndMatchCVAE(ModelConfig(conditioning="fixed")).eval()  # one Sampling: only z varies
+    model = MixAndMatchCVAE(Config(conditioning="fixed")).eval()  # one Sampling: only z varies
     condition = batch()[1]
     cold = [model.sample(condition, 64, temperature=1e-6) for _ in range(3)]  # T -> 0: z -> 0
     assert all(torch.allclose(c, cold[0], atol=1e-5) for c in cold)
@@ -176,6 +176,6 @@ def test_tutorial_state_dict_layout_loads_strictly():
 
 
 def test_custom_sizes():
-    model = MixAndMatchCVAE(ModelConfig(hidden_dim=32, latent_dim=4))
+    model = MixAndMatchCVAE(Config(hidden_dim=32, latent_dim=4))
     reconstruction, mu, _ = model(*batch(), 10)
     assert reconstruction.shape == (16, 500) and mu.shape == (16, 4)

@@ -62,12 +62,12 @@ def test_readme_line_links_land_on_their_definitions():
 
 
 def test_the_check_fails_on_a_moved_function_a_missing_file_and_a_line_past_the_end():
-    def utils_one_line_down(path):  # as if a line were added at the top of utils.py
+    def model_one_line_down(path):  # as if a line were added at the top of model.py
         source = read_repo_file(path)
-        return "\n" + source if path == "utils.py" else source
+        return "\n" + source if path == "model.py" else source
 
-    problems, _ = stale_links(readme(), utils_one_line_down)
-    assert problems and all("](utils.py#L" in problem for problem in problems)
+    problems, _ = stale_links(readme(), model_one_line_down)
+    assert problems and all("](model.py#L" in problem for problem in problems)
     assert any(re.search(r"split_image is defined at L\d+", problem) for problem in problems)
 
     problems, _ = stale_links("[`main`](nothere.py#L1) [`main`](train.py#L99999) [main](train.py#L1)",

@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import train_resume_and_measure
-from model import FRAME, MixAndMatchCVAE, ModelConfig, drop_history
-from train import teacher_forcing_probability
-from utils import free_bits_kl, posterior_draws
+from model import FRAME, Config, MixAndMatchCVAE, drop_history, free_bits_kl
+from utils import (
+    posterior_draws,
+)
 
 
 def recurrent(**config):
     torch.manual_seed(0)
-    return MixAndMatchCVAE(ModelConfig(decoder="recurrent", hidden_dim=32, latent_dim=8, **config)).eval()
+    return MixAndMatchCVAE(Config(decoder="recurrent", hidden_dim=32, latent_dim=8, **config)).eval()
 
 
 def decoder_inputs(model, n=6):
@@ -52,14 +53,14 @@ def test_recurrent_likelihood_is_the_chain_rule_row_by_row():
     model = recurrent()
     z, condition_h, sampled, condition = decoder_inputs(model)
     data = torch.rand(6, 500)
-    gru, image = model.recurrent_decoder.gru, torch.cat([data, condition], 1).view(6, 28, 28)
+    gru, image = model.data_decoder.gru, torch.cat([data, condition], 1).view(6, 28, 28)
     cell = torch.nn.GRUCell(FRAME, 32)
     cell.load_state_dict({name.removesuffix("_l0"): value for name, value in gru.state_dict().items()})
     h = model.combine(condition_h, model.decode_latent(z), sampled)  # h_z: the fusion is the initial state
     rows = {}
     for row in range(17, -1, -1):
         h = cell(image[:, row + 1], h)  # fed the true row below
-        rows[row] = torch.sigmoid(model.recurrent_decoder.frame(h))
+        rows[row] = torch.sigmoid(model.data_decoder.frame(h))
     reference = torch.cat([rows[r] for r in range(18)], 1)[:, :500]  # row 17's last 4 outputs are the condition's
     with torch.no_grad():
         assert torch.allclose(model.decode(z, condition_h, sampled, data, condition), reference, atol=1e-5)
@@ -93,7 +94,7 @@ def test_the_schedule_feeds_true_rows_with_its_probability():
     model.train()  # the schedule is training's; the decoder's layers have no BatchNorm or dropout to change
 
     def scheduled(probability):  # as train.py sets it each epoch
-        model.recurrent_decoder.set_teacher_forcing(probability)
+        model.data_decoder.teacher_forcing = probability
         return model.decode(z, condition_h, sampled, data, condition)
     with torch.no_grad():
         forced = scheduled(1.0)
@@ -110,7 +111,9 @@ def test_the_schedule_feeds_true_rows_with_its_probability():
                                                 (26, 25, 0.0), (50, 25, 0.0), (1, 1, 1.0), (2, 1, 0.0),
                                                 (50, 0, 1.0)])
 def test_teacher_forcing_probability_at_given_epochs(epoch, n, expected):
-    assert teacher_forcing_probability(epoch, n) == pytest.approx(expected)
+    model = MixAndMatchCVAE(Config(decoder="recurrent", teacher_forcing_epochs=n))
+    assert model.schedule(epoch)["teacher_forcing"] == pytest.approx(expected)
+    assert model.data_decoder.teacher_forcing == pytest.approx(expected)  # what its training steps read
 
 
 def test_free_bits_is_the_formula_and_has_no_gradient_below_lambda():
@@ -147,7 +150,7 @@ def test_history_dropout_zeroes_whole_pixels_or_rows_at_its_rate(shape):
 @pytest.mark.parametrize("decoder", ["autoregressive", "recurrent"])
 def test_history_dropout_acts_in_training_only(decoder):
     data, condition = torch.rand(8, 500), torch.rand(8, 284)
-    plain, dropped = (MixAndMatchCVAE(ModelConfig(decoder=decoder, history_dropout=p)) for p in (0.0, 0.5))
+    plain, dropped = (MixAndMatchCVAE(Config(decoder=decoder, history_dropout=p)) for p in (0.0, 0.5))
     dropped.load_state_dict(plain.state_dict())
     for mode in ("eval", "train"):
         outputs = []
@@ -156,8 +159,8 @@ def test_history_dropout_acts_in_training_only(decoder):
             torch.manual_seed(1)
             outputs.append(model(data, condition, 64)[0])
         assert torch.equal(*outputs) == (mode == "eval")
-    with pytest.raises(ValueError, match="history_dropout"):
-        MixAndMatchCVAE(ModelConfig(history_dropout=0.5))  # the MLP decoder is fed no history
+    with pytest.raises(ValueError, match="--history-dropout"):
+        MixAndMatchCVAE(Config(history_dropout=0.5))  # the MLP decoder is fed no history
 
 
 def test_recurrent_trains_on_its_schedule_resumes_mid_schedule_and_samples(tmp_path, mnist_root, in_process):
@@ -180,7 +183,8 @@ def test_recurrent_trains_on_its_schedule_resumes_mid_schedule_and_samples(tmp_p
 @pytest.mark.parametrize("flags, message", [
     (["--teacher-forcing-epochs", "5"], "--teacher-forcing-epochs must be >= 0, and 0 unless --decoder recurrent"),
     (["--decoder", "recurrent", "--teacher-forcing-epochs", "-1"], "--teacher-forcing-epochs must be >= 0"),
-    (["--history-dropout", "0.5"], "0 with the mlp decoder"),
+    (["--history-dropout", "0.5"], "0 unless --decoder autoregressive or recurrent (the others are fed no history), "
+                                   "got 0.5 with --decoder mlp"),
     (["--decoder", "recurrent", "--history-dropout", "1"], "--history-dropout must be in [0, 1)"),
     (["--free-bits", "-1"], "--free-bits must be a number of nats >= 0"),
     (["--free-bits", "nan"], "--free-bits must be a number of nats >= 0"),

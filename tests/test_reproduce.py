@@ -19,7 +19,7 @@ import reproduce_plan
 import reproduce_results
 import reproduce_runs
 from conftest import read_only, refused, write_records
-from model import MixAndMatchCVAE, ModelConfig
+from model import Config, MixAndMatchCVAE
 from one_side_random import one_side_random
 from reproduce_documents import (
     FIXES_KEYS,
@@ -250,7 +250,7 @@ def test_fixes_tables_from_hand_made_runs(tmp_path):
 
 def test_one_side_random_gives_the_other_side_the_fixed_split():
     torch.manual_seed(0)
-    model = MixAndMatchCVAE(ModelConfig(hidden_dim=32, latent_dim=8)).eval()
+    model = MixAndMatchCVAE(Config(hidden_dim=32, latent_dim=8)).eval()
     data, condition, z = torch.rand(4, 500), torch.rand(4, 284), torch.randn(4, 8)
     condition_h = model.condition_encoder(condition)
     drawn, fixed = torch.arange(16, 32), torch.arange(16)  # a drawn I, and the fixed split's

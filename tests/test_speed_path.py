@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench_train import TutorialModel, tutorial_epoch, tutorial_loader
-from model import MixAndMatchCVAE
+from model import Config, MixAndMatchCVAE
 from train import train_epoch
 from utils import load_mnist
 
@@ -18,7 +18,7 @@ def test_train_epoch_matches_the_tutorial_pipeline(mnist_root):
         # default Adam in both: fused Adam differs only by rounding (README, Speed)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         if name == "ours":
-            losses = [train_epoch(model, optimizer, images, 128, 64, step) for step in (0, 3)]
+            losses = [train_epoch(model, optimizer, images, Config(), step) for step in (0, 3)]
         else:
             loader = tutorial_loader(mnist_root, 128)
             losses = [tutorial_epoch(model, optimizer, loader, 64, step, torch.device("cpu")) for step in (0, 3)]

@@ -5,11 +5,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import N_TRAIN, checkpoints_on_disk, refused
-from model import MixAndMatchCVAE
+from model import Config, MixAndMatchCVAE, split_image
 from train import train_epoch
 from utils import (
     load_mnist,
-    split_image,
 )
 
 
@@ -38,7 +37,7 @@ def test_skipping_a_last_batch_of_one_leaves_every_other_batch_as_it_was(mnist_r
     model = MixAndMatchCVAE()
     model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
     torch.manual_seed(0)
-    step = train_epoch(model, torch.optim.Adam(model.parameters()), images, 128, 64, 0)[2]
+    step = train_epoch(model, torch.optim.Adam(model.parameters()), images, Config(), 0)[2]
     torch.manual_seed(0)
     expected = [split_image(images[indices])[0] for indices in DataLoader(range(257), batch_size=128, shuffle=True)]
     assert step == 2 and len(seen) == 2 and [len(b) for b in expected] == [128, 128, 1]

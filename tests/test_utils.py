@@ -1,9 +1,7 @@
 import argparse
-import ctypes
 import errno
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -12,22 +10,17 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
 import utils
-from model import MixAndMatchCVAE, ModelConfig
+from model import BinaryCrossEntropySum, Config, MixAndMatchCVAE, join_image, kl_divergence, split_image
+from train import kl_anneal_function
 from utils import (
-    BinaryCrossEntropySum,
     atomic_write,
     explain_os_error,
     given,
-    join_image,
-    kl_anneal_function,
-    kl_divergence,
     load_checkpoint,
     positive_float,
     positive_int,
-    process_lock,
     save_checkpoint,
     shell_command,
-    split_image,
     write_all,
 )
 
@@ -90,20 +83,21 @@ def test_flag_types_refuse_bad_values():
 
 
 def test_checkpoint_round_trip_and_tutorial_state_dict(tmp_path):
-    model = MixAndMatchCVAE(ModelConfig(hidden_dim=64, latent_dim=8))
+    model = MixAndMatchCVAE(Config(hidden_dim=64, latent_dim=8))
     optimizer = torch.optim.Adam(model.parameters())
     path = str(tmp_path / "sub" / "mix_match_03.pth")
-    save_checkpoint(path, model, optimizer, alpha=20, epoch=3, step=99, args=argparse.Namespace(seed=0))
-    loaded, checkpoint = load_checkpoint(path, torch.device("cpu"))
-    assert loaded.config == model.config
-    assert (checkpoint["alpha"], checkpoint["epoch"], checkpoint["step"]) == (20, 3, 99)
+    config = Config(hidden_dim=64, latent_dim=8, alpha=20, lr=3e-4)
+    save_checkpoint(path, model, optimizer, config, epoch=3, step=99, history=[])
+    loaded, checkpoint = load_checkpoint(path, torch.device("cpu"), resume=True)
+    assert loaded.config == config  # the run's settings whole, the recipe's too
+    assert (checkpoint["epoch"], checkpoint["step"]) == (3, 99)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     assert not list(tmp_path.glob("sub/*.tmp"))
 
     torch.save(MixAndMatchCVAE().state_dict(), tmp_path / "tutorial.pth")  # a bare state_dict
     loaded, checkpoint = load_checkpoint(str(tmp_path / "tutorial.pth"), torch.device("cpu"))
-    assert loaded.config == ModelConfig() and checkpoint["alpha"] == 64
+    assert loaded.config == Config() and checkpoint["config"]["alpha"] == 64
 
 
 def test_checkpoint_errors_are_one_clear_message(tmp_path):
@@ -114,59 +108,17 @@ def test_checkpoint_errors_are_one_clear_message(tmp_path):
     (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])
     with pytest.raises(SystemExit, match="truncated"):
         load_checkpoint(str(tmp_path / "cut.pth"), torch.device("cpu"))
-    torch.save(MixAndMatchCVAE(ModelConfig(hidden_dim=64)).state_dict(), tmp_path / "other.pth")
+    torch.save(MixAndMatchCVAE(Config(hidden_dim=64)).state_dict(), tmp_path / "other.pth")
     with pytest.raises(SystemExit, match="does not match"):
         load_checkpoint(str(tmp_path / "other.pth"), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- Windows, its system calls replaced
 
-class Kernel32:
-    """Stands in for Windows' kernel32: process ids it knows, running (exit code 259, STILL_ACTIVE) or
-    ended, and those of another user, which OpenProcess refuses with ERROR_ACCESS_DENIED."""
-
-    def __init__(self, running=(), ended=(), other_users=()):
-        self.running, self.ended, self.other_users, self.error, self.closed = running, ended, other_users, 0, 0
-
-    def OpenProcess(self, access, inherit, pid):  # noqa: N802 (the system call's name)
-        assert access == 0x1000  # PROCESS_QUERY_LIMITED_INFORMATION: enough to read an exit code
-        if pid in self.other_users:
-            self.error = 5
-        elif pid not in (*self.running, *self.ended):
-            self.error = 87  # ERROR_INVALID_PARAMETER: no such process
-        else:
-            return pid
-        return 0
-
-    def GetExitCodeProcess(self, handle, code):  # noqa: N802
-        code._obj.value = 259 if handle in self.running else 1
-        return 1
-
-    def CloseHandle(self, handle):  # noqa: N802
-        self.closed += 1
-
-
 @pytest.fixture
 def windows(monkeypatch):
-    """utils as on Windows: its kernel32 replaced, and os.kill never called (there it would send Ctrl-C)."""
-    kernel32 = Kernel32(running=(4242,), ended=(4343,), other_users=(4444,))
+    """utils as on Windows."""
     monkeypatch.setattr(utils, "WINDOWS", True)
-    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error: kernel32, raising=False)
-    monkeypatch.setattr(ctypes, "get_last_error", lambda: kernel32.error, raising=False)
-    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill on Windows"))
-    return kernel32
-
-
-def test_on_windows_a_locks_process_is_asked_of_the_system_not_signalled(tmp_path, windows):
-    assert [utils.process_alive(pid) for pid in (4242, 4343, 4444, 4545)] == [True, False, True, False]
-    assert windows.closed == 2  # each handle opened is closed
-    lock, host = tmp_path / "train.lock", socket.gethostname()
-    lock.write_text(f"{host} 4343", encoding="utf-8")  # left by a run taskkill ended: taken over
-    with process_lock(str(lock)) as holder:
-        assert holder is None and lock.read_text(encoding="utf-8") == f"{host} {os.getpid()}"
-    lock.write_text(f"{host} 4242", encoding="utf-8")  # a running train.py's: held
-    with process_lock(str(lock)) as holder:
-        assert holder == f"process 4242 on {host}"
 
 
 def test_on_windows_a_file_held_open_is_retried_then_named(tmp_path, windows, monkeypatch):
